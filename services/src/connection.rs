@@ -1,0 +1,302 @@
+//! Connections: identity, the state shared by a connection's stacks, and the registry.
+//!
+//! A [`Connection`] is created when an upgrade is accepted. Its message stacks and its driver
+//! share it through an `Arc`. The [`Registry`] maps connection and user ids to the sender of
+//! each connection's deliveries so that direct sends and broadcasts reach the right driver.
+//!
+//! ```
+//! use wsengine_services::connection::{ConnectionId, Registry};
+//!
+//! let registry = Registry::new(10);
+//! let slot = registry.reserve().expect("capacity");
+//! assert_eq!(registry.len(), 0);
+//! drop(slot);
+//! assert!(ConnectionId::new().to_string().len() == 36);
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::mpsc;
+use wsengine_core::codes::CloseCode;
+use wsengine_core::{Envelope, WireFormat};
+
+use crate::publication::Publication;
+
+/// A connection's id: a UUIDv7, sent to the client as `connection_id`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(uuid::Uuid);
+
+impl ConnectionId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        ConnectionId(uuid::Uuid::now_v7())
+    }
+
+    /// Parses the hyphenated form.
+    pub fn parse(text: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(text).ok().map(ConnectionId)
+    }
+}
+
+impl Default for ConnectionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnectionId({self})")
+    }
+}
+
+/// Something for a connection's driver to deliver.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A topic publication or broadcast.
+    Publication(Arc<Publication>),
+    /// A per-connection application event.
+    Event(Box<Envelope>),
+    /// Close the connection with this code and reason.
+    Close(CloseCode, String),
+}
+
+/// The sending side of a connection's delivery channel.
+pub type DeliverySender = mpsc::Sender<Delivery>;
+
+/// The authenticated identity of a connection, put into the upgrade request's extensions by a
+/// handshake layer (an auth layer, or the application).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id (`sub` of a JWT).
+    pub user_id: String,
+}
+
+/// An authentication failure recorded by a handshake layer: the connection is upgraded, sent
+/// this error and closed with 4401 (PROTOCOL.md §2.5).
+#[derive(Debug, Clone)]
+pub struct AuthRejection(pub wsengine_core::ProtocolError);
+
+/// State of one connection shared by its inbound stack, outbound stack and driver.
+#[derive(Debug)]
+pub struct Connection {
+    id: ConnectionId,
+    user_id: String,
+    format: WireFormat,
+    authenticated: bool,
+    compression: Arc<AtomicBool>,
+    subscriptions: Mutex<HashSet<String>>,
+    deliveries: DeliverySender,
+    dropped: AtomicU64,
+}
+
+impl Connection {
+    /// A connection with the given identity and delivery channel. Anonymous connections use
+    /// their connection id as user id.
+    pub fn new(id: ConnectionId, identity: Option<Identity>, format: WireFormat, deliveries: DeliverySender) -> Self {
+        let authenticated = identity.is_some();
+        let user_id = identity.map(|i| i.user_id).unwrap_or_else(|| id.to_string());
+        Connection {
+            id,
+            user_id,
+            format,
+            authenticated,
+            compression: Arc::new(AtomicBool::new(true)),
+            subscriptions: Mutex::new(HashSet::new()),
+            deliveries,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The connection id.
+    pub fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    /// The user id.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// Whether a handshake layer authenticated the connection.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// JSON or msgpack, chosen by `?format=msgpack` at connect time.
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    /// Whether the client accepts `C:` frames (it may say no in `client_hello`).
+    pub fn compression_enabled(&self) -> bool {
+        self.compression.load(Ordering::Relaxed)
+    }
+
+    /// The compression switch shared with the connection's encode layer.
+    pub fn compression_switch(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.compression)
+    }
+
+    /// Records the client's compression preference.
+    pub fn set_compression(&self, enabled: bool) {
+        self.compression.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The sender of this connection's deliveries.
+    pub fn deliveries(&self) -> &DeliverySender {
+        &self.deliveries
+    }
+
+    /// Runs `f` on the set of subscribed topics and patterns.
+    pub fn with_subscriptions<R>(&self, f: impl FnOnce(&mut HashSet<String>) -> R) -> R {
+        f(&mut self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Counts a delivery dropped because the connection could not keep up.
+    pub fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Deliveries dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Queues a delivery without waiting; a full channel drops it and counts the drop.
+    pub fn deliver(&self, delivery: Delivery) -> bool {
+        match self.deliveries.try_send(delivery) {
+            Ok(()) => true,
+            Err(_) => {
+                self.count_drop();
+                false
+            }
+        }
+    }
+}
+
+/// Every registered connection, by connection id and by user id, and the connection limit.
+#[derive(Debug)]
+pub struct Registry {
+    max_connections: usize,
+    reserved: AtomicUsize,
+    inner: RwLock<RegistryInner>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    connections: HashMap<ConnectionId, Arc<Connection>>,
+    users: HashMap<String, Vec<ConnectionId>>,
+}
+
+/// A reserved connection slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    registry: Arc<Registry>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.registry.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Registry {
+    /// An empty registry admitting at most `max_connections` connections.
+    pub fn new(max_connections: usize) -> Arc<Self> {
+        Arc::new(Registry { max_connections, reserved: AtomicUsize::new(0), inner: RwLock::default() })
+    }
+
+    /// Reserves a slot before the upgrade is answered, so no connection ever has to be closed
+    /// for capacity after it was accepted. `None` when full.
+    pub fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        let mut current = self.reserved.load(Ordering::Acquire);
+        loop {
+            if current >= self.max_connections {
+                return None;
+            }
+            match self.reserved.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Slot { registry: Arc::clone(self) }),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Connections holding a slot (registered or still in setup).
+    pub fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RegistryInner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, RegistryInner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes a connection visible to direct sends and broadcasts.
+    pub fn register(&self, connection: Arc<Connection>) {
+        let mut inner = self.write();
+        inner.users.entry(connection.user_id().to_owned()).or_default().push(connection.id());
+        inner.connections.insert(connection.id(), connection);
+    }
+
+    /// Removes a connection.
+    pub fn unregister(&self, id: ConnectionId) {
+        let mut inner = self.write();
+        if let Some(connection) = inner.connections.remove(&id) {
+            let user = connection.user_id();
+            if let Some(ids) = inner.users.get_mut(user) {
+                ids.retain(|c| *c != id);
+                if ids.is_empty() {
+                    inner.users.remove(user);
+                }
+            }
+        }
+    }
+
+    /// Registered connections.
+    pub fn len(&self) -> usize {
+        self.read().connections.len()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A registered connection.
+    pub fn get(&self, id: ConnectionId) -> Option<Arc<Connection>> {
+        self.read().connections.get(&id).cloned()
+    }
+
+    /// The connections of a user.
+    pub fn user_connections(&self, user_id: &str) -> Vec<Arc<Connection>> {
+        let inner = self.read();
+        inner
+            .users
+            .get(user_id)
+            .map(|ids| ids.iter().filter_map(|id| inner.connections.get(id).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every registered connection (a snapshot).
+    pub fn all(&self) -> Vec<Arc<Connection>> {
+        self.read().connections.values().cloned().collect()
+    }
+
+    /// Delivers to every registered connection; returns how many accepted it.
+    pub fn deliver_all(&self, delivery: &Delivery) -> usize {
+        self.read().connections.values().filter(|c| c.deliver(delivery.clone())).count()
+    }
+}

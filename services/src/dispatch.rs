@@ -1,0 +1,429 @@
+//! Dispatch: the terminal service of the inbound stack.
+//!
+//! It runs the protocol's system messages itself (PROTOCOL.md §6.2): `client_hello` gets a
+//! `server_hello`, `ping` a `PONG`, `subscription_update` subscribes through the bus and is
+//! acknowledged, `sync_request` asks the snapshot provider and always ends with
+//! `snapshot_complete`, a `batch` is unpacked; everything else goes to the application
+//! [`Handler`](crate::handler::Handler).
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use tower::{Service, ServiceExt};
+//! use wsengine_core::{InboundMessage, WireFormat};
+//! use wsengine_services::bus::MemoryBus;
+//! use wsengine_services::connection::{Connection, ConnectionId};
+//! use wsengine_services::dispatch::{Dispatch, DispatchContext};
+//! use wsengine_services::message::{Inbound, OutboundBody};
+//!
+//! let context = Arc::new(DispatchContext::new(Arc::new(MemoryBus::new())));
+//! let (tx, _rx) = tokio::sync::mpsc::channel(8);
+//! let connection = Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx));
+//! let mut dispatch = Dispatch::new(context, connection);
+//! let ping: serde_json::Value = serde_json::json!({"t": "ping", "p": {"timestamp": 5}});
+//! let message = InboundMessage::from_map(ping.as_object().unwrap().clone());
+//! let reply = dispatch.ready().await.unwrap().call(Inbound::message(message)).await.unwrap();
+//! let OutboundBody::Envelope(pong) = &reply.messages[0].body else { unreachable!() };
+//! assert_eq!(pong.t, "PONG");
+//! # });
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use tower::Service;
+use wsengine_core::topic::validate_topic;
+use wsengine_core::{Category, Envelope, ErrorCode, InboundMessage, ProtocolError};
+
+use crate::bus::Bus;
+use crate::connection::Connection;
+use crate::handler::{AppBody, AppMessage, Handler, NoHandler, SnapshotProvider};
+use crate::message::{BoxError, Inbound, InboundBody, Outbound, Reply, error_reply};
+
+/// What `server_ready` and `server_hello` announce, and the subscription limit.
+#[derive(Debug, Clone)]
+pub struct ProtocolSettings {
+    /// Server heartbeat interval (announced in milliseconds).
+    pub ping_interval: Duration,
+    /// Inbound message size limit (announced).
+    pub max_message_size: usize,
+    /// Subscriptions (topics and patterns) per connection; 0 means unlimited.
+    pub max_subscriptions: usize,
+    /// Whether publications are stamped and recoverable.
+    pub recovery: bool,
+    /// Whether the engine runs a multi-node bus.
+    pub cluster: bool,
+    /// Whether built-in JWT authentication is on (`features.rust_jwt`).
+    pub jwt: bool,
+    /// Outbound event bucket: capacity and refill per second (announced).
+    pub outbound_rate: (u64, u64),
+    /// Inbound bucket: capacity and refill per second (announced).
+    pub inbound_rate: (u64, u64),
+}
+
+impl Default for ProtocolSettings {
+    fn default() -> Self {
+        ProtocolSettings {
+            ping_interval: Duration::from_secs(25),
+            max_message_size: wsengine_core::Limits::default().max_message_size,
+            max_subscriptions: 0,
+            recovery: false,
+            cluster: false,
+            jwt: false,
+            outbound_rate: (100_000, 10_000),
+            inbound_rate: (2_000, 200),
+        }
+    }
+}
+
+/// Engine-wide state every connection's dispatch shares.
+pub struct DispatchContext {
+    /// Where subscriptions go.
+    pub bus: Arc<dyn Bus>,
+    /// Application messages.
+    pub handler: Arc<dyn Handler>,
+    /// Snapshot source for `sync_request`; none means every request gets only `snapshot_complete`.
+    pub snapshots: Option<Arc<dyn SnapshotProvider>>,
+    /// Protocol parameters.
+    pub settings: ProtocolSettings,
+}
+
+impl fmt::Debug for DispatchContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DispatchContext")
+            .field("bus", &self.bus)
+            .field("snapshots", &self.snapshots.is_some())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DispatchContext {
+    /// Defaults around a bus: no application handler, no snapshots.
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        DispatchContext { bus, handler: Arc::new(NoHandler), snapshots: None, settings: ProtocolSettings::default() }
+    }
+
+    /// The `server_ready` envelope for a connection (PROTOCOL.md §6.1.1).
+    pub fn server_ready(&self, connection: &Connection) -> Envelope {
+        let now = wsengine_core::time::now_rfc3339();
+        Envelope::new(
+            "server_ready",
+            json!({
+                "message": "Connection established",
+                "details": {
+                    "version": 1,
+                    "connection_id": connection.id().to_string(),
+                    "user_id": connection.user_id(),
+                    "server_time": now,
+                    "features": {
+                        "compression": true,
+                        "encryption": false,
+                        "batching": true,
+                        "priority_queue": true,
+                        "circuit_breaker": true,
+                        "rust_transport": true,
+                        "rust_jwt": self.settings.jwt,
+                        "recovery": self.settings.recovery,
+                    }
+                }
+            }),
+        )
+        .identified()
+    }
+}
+
+/// The per-connection dispatch service.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    context: Arc<DispatchContext>,
+    connection: Arc<Connection>,
+    last_invalid_request: Mutex<Option<Instant>>,
+}
+
+impl Dispatch {
+    /// Dispatch for one connection.
+    pub fn new(context: Arc<DispatchContext>, connection: Arc<Connection>) -> Self {
+        Dispatch { inner: Arc::new(Inner { context, connection, last_invalid_request: Mutex::new(None) }) }
+    }
+}
+
+impl Service<Inbound> for Dispatch {
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Reply, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, inbound: Inbound) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.inbound(inbound).await })
+    }
+}
+
+fn protocol_error(code: ErrorCode, message: &'static str) -> BoxError {
+    ProtocolError::new(code, message).into()
+}
+
+impl Inner {
+    async fn inbound(&self, inbound: Inbound) -> Result<Reply, BoxError> {
+        let encrypted = inbound.encrypted;
+        match inbound.body {
+            InboundBody::Message(message) if message.t() == Some("batch") => {
+                // Each element as if it had arrived alone; a failing element becomes its own
+                // error frame and the rest still run (PROTOCOL.md §6.2.6).
+                let mut reply = Reply::none();
+                let elements = match message.p().and_then(|p| p.get("messages")) {
+                    Some(Value::Array(elements)) => elements.clone(),
+                    _ => return Err(protocol_error(ErrorCode::InvalidRequest, "batch needs a messages array")),
+                };
+                for element in elements {
+                    let Value::Object(fields) = element else { continue };
+                    let message = InboundMessage::from_map(fields);
+                    let result = if message.t() == Some("batch") {
+                        self.application(AppBody::Message(message), encrypted).await
+                    } else {
+                        self.message(message, encrypted).await
+                    };
+                    reply.extend(result.unwrap_or_else(|e| error_reply(&e)));
+                }
+                Ok(reply)
+            }
+            InboundBody::Message(message) => self.message(message, encrypted).await,
+            InboundBody::RawText(text) => {
+                if self.context.handler.accepts_raw() {
+                    self.application(AppBody::RawText(text), encrypted).await
+                } else if self.may_send_invalid_request() {
+                    Err(protocol_error(ErrorCode::InvalidRequest, "Messages must be JSON objects"))
+                } else {
+                    Ok(Reply::none())
+                }
+            }
+            InboundBody::RawBinary(bytes) => {
+                if self.context.handler.accepts_raw() {
+                    self.application(AppBody::RawBinary(bytes), encrypted).await
+                } else {
+                    Ok(Reply::none())
+                }
+            }
+            // Without a decrypt layer (or without a key) an `E:` frame is dropped (§3.4 step 3).
+            InboundBody::Encrypted(_) => Ok(Reply::none()),
+            InboundBody::Frame(_) => Err("frame reached dispatch undecoded (is the decode layer missing?)".into()),
+        }
+    }
+
+    /// INVALID_REQUEST errors go out at most once per second per connection.
+    fn may_send_invalid_request(&self) -> bool {
+        let mut last = self.last_invalid_request.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    async fn message(&self, message: InboundMessage, encrypted: bool) -> Result<Reply, BoxError> {
+        match message.t() {
+            Some("client_hello") => Ok(self.client_hello(&message)),
+            Some("ping" | "PING") => {
+                let client_timestamp = message.p().and_then(|p| p.get("timestamp"));
+                let pong = wsengine_core::envelope::pong(client_timestamp, wsengine_core::time::unix_millis());
+                Ok(Reply::message(Outbound::protocol(pong)))
+            }
+            Some("PONG" | "pong") => Ok(Reply::none()),
+            Some("subscription_update" | "subscription") => self.subscription(&message),
+            Some("sync_request") => Ok(self.sync_request(&message).await),
+            _ => self.application(AppBody::Message(message), encrypted).await,
+        }
+    }
+
+    fn client_hello(&self, message: &InboundMessage) -> Reply {
+        let features = message.p().and_then(|p| p.get("features"));
+        if let Some(Value::Bool(compression)) = features.and_then(|f| f.get("compression")) {
+            self.connection.set_compression(*compression);
+        }
+        let settings = &self.context.settings;
+        let hello = Envelope::new(
+            "server_hello",
+            json!({
+                "server_version": env!("CARGO_PKG_VERSION"),
+                "protocol_version": 1,
+                "connection_id": self.connection.id().to_string(),
+                "server_time": wsengine_core::time::now_rfc3339(),
+                "ping_interval": u64::try_from(settings.ping_interval.as_millis()).unwrap_or(u64::MAX),
+                "features": {
+                    "compression": true,
+                    "recovery": settings.recovery,
+                    "cluster": settings.cluster,
+                    "batching": true,
+                    "priority_queue": true,
+                    "msgpack": true,
+                    "encryption": false,
+                },
+                "limits": {
+                    "max_message_size": settings.max_message_size,
+                    "rate_limit_capacity": settings.outbound_rate.0,
+                    "rate_limit_refill": settings.outbound_rate.1,
+                    "inbound_rate_limit_capacity": settings.inbound_rate.0,
+                    "inbound_rate_limit_refill": settings.inbound_rate.1,
+                }
+            }),
+        )
+        .identified();
+        Reply::message(Outbound::protocol(hello))
+    }
+
+    fn subscription(&self, message: &InboundMessage) -> Result<Reply, BoxError> {
+        let p = message.p();
+        let action = match p.and_then(|p| p.get("action")) {
+            None | Some(Value::Null) => "subscribe",
+            Some(Value::String(a)) if a == "subscribe" || a == "unsubscribe" => a.as_str(),
+            Some(_) => return Err(protocol_error(ErrorCode::InvalidAction, "action must be subscribe or unsubscribe")),
+        };
+        let topics = match p.and_then(|p| p.get("topics")) {
+            Some(Value::Array(topics)) if !topics.is_empty() => topics,
+            _ => {
+                return Err(protocol_error(
+                    ErrorCode::InvalidSubscription,
+                    "subscription_update needs a non-empty topics array",
+                ));
+            }
+        };
+        let mut seen = HashSet::new();
+        let mut requested = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let Value::String(topic) = topic else {
+                return Err(protocol_error(ErrorCode::InvalidSubscription, "topics must be strings"));
+            };
+            if seen.insert(topic.as_str()) {
+                requested.push(topic.clone());
+            }
+        }
+        let ack = if action == "subscribe" { self.subscribe(requested) } else { self.unsubscribe(requested) };
+        Ok(Reply::message(Outbound::protocol(Envelope::new("subscription_update", ack).identified())))
+    }
+
+    fn subscribe(&self, topics: Vec<String>) -> Value {
+        let limit = self.context.settings.max_subscriptions;
+        let mut success = Vec::new();
+        let mut failed = Vec::new();
+        let mut reasons = Map::new();
+        self.connection.with_subscriptions(|subscriptions| {
+            for topic in topics {
+                let reason = if !validate_topic(&topic) {
+                    Some("INVALID_TOPIC")
+                } else if subscriptions.contains(&topic) {
+                    None
+                } else if limit != 0 && subscriptions.len() >= limit {
+                    Some("LIMIT_EXCEEDED")
+                } else {
+                    self.context.bus.subscribe(&self.connection, &topic);
+                    subscriptions.insert(topic.clone());
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        reasons.insert(topic.clone(), reason.into());
+                        failed.push(topic);
+                    }
+                    None => success.push(topic),
+                }
+            }
+        });
+        let mut ack = json!({
+            "action": "subscribe",
+            "success": !success.is_empty(),
+            "success_topics": success,
+            "failed_topics": failed,
+        });
+        if !reasons.is_empty() {
+            ack["failure_reasons"] = Value::Object(reasons);
+        }
+        ack["recovered"] = false.into();
+        ack
+    }
+
+    fn unsubscribe(&self, topics: Vec<String>) -> Value {
+        self.connection.with_subscriptions(|subscriptions| {
+            for topic in &topics {
+                if subscriptions.remove(topic) {
+                    self.context.bus.unsubscribe(self.connection.id(), topic);
+                }
+            }
+        });
+        json!({
+            "action": "unsubscribe",
+            "success": true,
+            "success_topics": [],
+            "failed_topics": [],
+            "unsubscribed_topics": topics,
+        })
+    }
+
+    async fn sync_request(&self, message: &InboundMessage) -> Reply {
+        let p = message.p();
+        let requested: Option<Vec<String>> = match p.and_then(|p| p.get("topics")) {
+            Some(Value::Array(topics)) if !topics.is_empty() => {
+                topics.iter().map(|t| t.as_str().map(str::to_owned)).collect()
+            }
+            _ => None,
+        };
+        let topics = requested.unwrap_or_else(|| {
+            let mut current: Vec<String> = self
+                .connection
+                .with_subscriptions(|s| s.iter().filter(|t| !wsengine_core::topic::is_pattern(t)).cloned().collect());
+            current.sort();
+            current
+        });
+        let wanted = !matches!(p.and_then(|p| p.get("include_snapshots")), Some(Value::Bool(false)));
+        let mut reply = Reply::none();
+        let mut count = 0usize;
+        if let (true, Some(provider), false) = (wanted, &self.context.snapshots, topics.is_empty()) {
+            match provider.snapshot(self.connection.user_id(), &topics).await {
+                Ok(events) => {
+                    for mut event in events {
+                        event.c = Category::Snapshot;
+                        event.stamp = None;
+                        event.id = None;
+                        event.ts = None;
+                        reply.push(Outbound::event(event.identified()));
+                        count += 1;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(connection = %self.connection.id(), %error, "snapshot provider failed");
+                    let failure = ProtocolError::new(ErrorCode::SnapshotFailed, "Snapshot failed")
+                        .with_details(json!({ "topics": topics }));
+                    reply.extend(error_reply(&failure.into()));
+                }
+            }
+        }
+        let complete = Envelope::new("snapshot_complete", json!({ "topics": topics, "count": count })).identified();
+        reply.push(Outbound::protocol(complete));
+        reply
+    }
+
+    async fn application(&self, body: AppBody, encrypted: bool) -> Result<Reply, BoxError> {
+        let message = AppMessage {
+            connection_id: self.connection.id(),
+            user_id: self.connection.user_id().to_owned(),
+            body,
+            encrypted,
+        };
+        let events = self.context.handler.handle(message).await?;
+        Ok(Reply { messages: events.into_iter().map(Outbound::event).collect(), close: None })
+    }
+}

@@ -1,0 +1,246 @@
+//! A Rust client for WSE protocol v1: connect, hello, subscribe, receive, ping.
+//!
+//! It decodes every frame form the engine sends (text JSON, binary JSON, `C:` zlib, `M:`
+//! msgpack), answers the server's heartbeat `ping` by itself, and keeps messages that arrive
+//! while it waits for an answer, so nothing is lost between calls.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), wsengine::client::ClientError> {
+//! use wsengine::client::Client;
+//!
+//! let mut client = Client::connect("ws://127.0.0.1:5006/wse").await?;
+//! client.hello().await?;
+//! client.subscribe(&["prices"]).await?;
+//! let message = client.recv().await?;
+//! println!("{} {}", message["t"], message["p"]);
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsengine_core::Limits;
+use wsengine_core::frame::{decode_msgpack, inflate_capped};
+
+/// How long the client waits for `server_ready` and for answers.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a client call failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The WebSocket layer failed.
+    WebSocket(tungstenite::Error),
+    /// The server closed the connection (with its close frame, if any).
+    Closed(Option<CloseFrame>),
+    /// No answer in time.
+    Timeout,
+    /// The server sent something this client cannot decode.
+    Undecodable(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::WebSocket(e) => write!(f, "websocket: {e}"),
+            ClientError::Closed(Some(frame)) => {
+                write!(f, "closed by server: {} {}", u16::from(frame.code), frame.reason)
+            }
+            ClientError::Closed(None) => f.write_str("closed by server"),
+            ClientError::Timeout => f.write_str("timed out waiting for the server"),
+            ClientError::Undecodable(why) => write!(f, "undecodable frame: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<tungstenite::Error> for ClientError {
+    fn from(error: tungstenite::Error) -> Self {
+        match error {
+            tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => ClientError::Closed(None),
+            other => ClientError::WebSocket(other),
+        }
+    }
+}
+
+impl ClientError {
+    /// The close code, when the server closed the connection with one.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            ClientError::Closed(Some(frame)) => Some(frame.code.into()),
+            _ => None,
+        }
+    }
+}
+
+/// A connected WSE client.
+#[derive(Debug)]
+pub struct Client {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    server_ready: Value,
+    pending: VecDeque<Value>,
+    limits: Limits,
+    seq: u64,
+}
+
+impl Client {
+    /// Connects to `url` and waits for `server_ready`.
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Self::connect_request(url).await
+    }
+
+    /// Connects with a prepared request (extra headers such as `Authorization` or `Cookie`)
+    /// and waits for `server_ready`.
+    pub async fn connect_request(request: impl IntoClientRequest + Unpin) -> Result<Client, ClientError> {
+        let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
+        let mut client =
+            Client { socket, server_ready: Value::Null, pending: VecDeque::new(), limits: Limits::default(), seq: 0 };
+        let first = client.next_message().await?;
+        if first["t"] != "server_ready" {
+            return Err(ClientError::Undecodable(format!("expected server_ready first, got {first}")));
+        }
+        client.server_ready = first;
+        Ok(client)
+    }
+
+    /// The `server_ready` message.
+    pub fn server_ready(&self) -> &Value {
+        &self.server_ready
+    }
+
+    /// This connection's id, from `server_ready`.
+    pub fn connection_id(&self) -> &str {
+        self.server_ready["p"]["details"]["connection_id"].as_str().unwrap_or_default()
+    }
+
+    /// Sends `client_hello` and returns the `server_hello`.
+    pub async fn hello(&mut self) -> Result<Value, ClientError> {
+        let features = json!({"compression": true, "encryption": false, "batching": true});
+        self.send(
+            "client_hello",
+            json!({"client_version": env!("CARGO_PKG_VERSION"), "protocol_version": 1, "features": features}),
+        )
+        .await?;
+        self.answer(|m| m["t"] == "server_hello").await
+    }
+
+    /// Subscribes and returns the `subscription_update` acknowledgement.
+    pub async fn subscribe(&mut self, topics: &[&str]) -> Result<Value, ClientError> {
+        self.send("subscription_update", json!({"action": "subscribe", "topics": topics})).await?;
+        self.answer(|m| m["t"] == "subscription_update" && m["p"]["action"] == "subscribe").await
+    }
+
+    /// Unsubscribes and returns the acknowledgement.
+    pub async fn unsubscribe(&mut self, topics: &[&str]) -> Result<Value, ClientError> {
+        self.send("subscription_update", json!({"action": "unsubscribe", "topics": topics})).await?;
+        self.answer(|m| m["t"] == "subscription_update" && m["p"]["action"] == "unsubscribe").await
+    }
+
+    /// Sends `ping` and returns the `PONG`.
+    pub async fn ping(&mut self) -> Result<Value, ClientError> {
+        self.send("ping", json!({"timestamp": wsengine_core::time::unix_millis()})).await?;
+        self.answer(|m| m["t"] == "PONG").await
+    }
+
+    /// Sends a message of type `t` with payload `p` as a text frame.
+    pub async fn send(&mut self, t: &str, p: Value) -> Result<(), ClientError> {
+        self.seq += 1;
+        let message = json!({"t": t, "p": p, "id": uuid_v4ish(self.seq), "seq": self.seq, "v": 1});
+        self.send_raw(Message::text(message.to_string())).await
+    }
+
+    /// Sends any WebSocket message as is.
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        self.socket.send(message).await.map_err(Into::into)
+    }
+
+    /// The next message from the server (heartbeat `ping`s are answered and skipped).
+    pub async fn recv(&mut self) -> Result<Value, ClientError> {
+        match self.pending.pop_front() {
+            Some(message) => Ok(message),
+            None => self.next_message().await,
+        }
+    }
+
+    /// Like [`Client::recv`], but `Ok(None)` when nothing arrives within `timeout`.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Value>, ClientError> {
+        match tokio::time::timeout(timeout, self.recv()).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.socket.close(None).await.map_err(Into::into)
+    }
+
+    /// Waits for the first message matching `is_answer`, keeping the others for `recv`.
+    async fn answer(&mut self, is_answer: impl Fn(&Value) -> bool) -> Result<Value, ClientError> {
+        if let Some(index) = self.pending.iter().position(&is_answer) {
+            return Ok(self.pending.remove(index).expect("index from position"));
+        }
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let message =
+                tokio::time::timeout_at(deadline, self.next_message()).await.map_err(|_| ClientError::Timeout)??;
+            if is_answer(&message) {
+                return Ok(message);
+            }
+            self.pending.push_back(message);
+        }
+    }
+
+    async fn next_message(&mut self) -> Result<Value, ClientError> {
+        loop {
+            let message = match self.socket.next().await {
+                Some(message) => message?,
+                None => return Err(ClientError::Closed(None)),
+            };
+            let value = match message {
+                Message::Text(text) => parse_json(text.as_bytes())?,
+                Message::Binary(bytes) => self.decode_binary(&bytes)?,
+                Message::Close(frame) => return Err(ClientError::Closed(frame)),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            };
+            if value["t"] == "ping" && value["c"] == "WSE" {
+                let answer = json!({"c": "WSE", "t": "PONG", "p": {"server_timestamp": value["p"]["server_time"], "client_timestamp": wsengine_core::time::unix_millis()}, "v": 1});
+                self.socket.send(Message::text(answer.to_string())).await?;
+                continue;
+            }
+            return Ok(value);
+        }
+    }
+
+    fn decode_binary(&self, bytes: &[u8]) -> Result<Value, ClientError> {
+        if let Some(zlib) = bytes.strip_prefix(b"C:") {
+            let json = inflate_capped(zlib, self.limits.max_inflated_size)
+                .map_err(|e| ClientError::Undecodable(e.to_string()))?;
+            parse_json(&json)
+        } else if let Some(msgpack) = bytes.strip_prefix(b"M:") {
+            decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
+        } else if bytes.starts_with(b"E:") {
+            Err(ClientError::Undecodable("encrypted frame, but this client has no key".into()))
+        } else {
+            parse_json(bytes)
+        }
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Undecodable(e.to_string()))
+}
+
+/// A unique message id for this client (clients send UUIDv4; any unique string works).
+fn uuid_v4ish(seq: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:016x}-{:08x}-{seq:08x}", now.as_nanos() as u64, std::process::id())
+}

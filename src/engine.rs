@@ -1,0 +1,473 @@
+//! The engine: assembles the standard stack from a [`Config`] and runs it.
+//!
+//! [`Engine::builder`] takes a configuration, optional hooks (application handler, snapshot
+//! provider, bus) and optional user layers, and builds every connection's message stacks in
+//! one fixed order:
+//!
+//! - inbound, outermost first: error-to-frame → decode → *user inbound layers* → dispatch;
+//! - outbound, outermost first: *user outbound layers* → encode (format, `seq`, `C:`
+//!   compression) → outbound queue.
+//!
+//! User inbound layers therefore see decoded messages just before dispatch, and user outbound
+//! layers see envelopes and publications before they are encoded. Later layers (rate limit,
+//! decrypt, verify, circuit breaker; sign, encrypt) slot into the documented places without
+//! moving these.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use wsengine::{Config, Engine, Envelope};
+//!
+//! let engine = Engine::builder(Config::default()).build()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let server = tokio::spawn(engine.clone().serve(listener));
+//! engine.publish("prices", Envelope::new("price_update", serde_json::json!({"AAPL": 187.5}))).await?;
+//! engine.shutdown();
+//! server.await??;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::util::{BoxLayer, BoxService};
+use tower::{Layer, Service, ServiceBuilder};
+use wsengine_core::codes::CloseCode;
+use wsengine_core::topic::validate_topic;
+use wsengine_core::{Envelope, Limits};
+use wsengine_layers::decode::DecodeLayer;
+use wsengine_layers::encode::EncodeLayer;
+use wsengine_layers::error_to_frame::ErrorToFrameLayer;
+use wsengine_services::bus::{Bus, MemoryBus, PublishReport};
+use wsengine_services::connection::{Connection, ConnectionId, Delivery, Registry};
+use wsengine_services::dispatch::{Dispatch, DispatchContext, ProtocolSettings};
+use wsengine_services::driver::{DriverSettings, InboundService, OutboundService, Shutdown};
+use wsengine_services::handler::{Handler, NoHandler, SnapshotProvider};
+use wsengine_services::message::{BoxError, Inbound, Outbound, Reply};
+use wsengine_services::publication::Publication;
+use wsengine_services::queue::OutboundQueue;
+use wsengine_services::tungstenite::protocol::WebSocketConfig;
+use wsengine_services::websocket::{Connector, ConnectorSettings, StackBuilder, WebSocketService};
+
+use crate::config::{Config, ConfigError};
+
+/// A user layer for the inbound stack (type-erased).
+pub type InboundLayer = BoxLayer<InboundService, Inbound, Reply, BoxError>;
+/// A user layer for the outbound stack (type-erased).
+pub type OutboundLayer = BoxLayer<OutboundService, Outbound, (), BoxError>;
+
+/// Types that application messages must not use (PROTOCOL.md §4.4).
+const RESERVED_TYPES: &[&str] = &[
+    "server_ready",
+    "server_hello",
+    "client_hello",
+    "client_hello_ack",
+    "ping",
+    "PING",
+    "pong",
+    "PONG",
+    "error",
+    "rate_limit_warning",
+    "subscription_update",
+    "subscription",
+    "sync_request",
+    "snapshot_complete",
+    "batch",
+    "presence_join",
+    "presence_leave",
+    "presence_update",
+    "health_check",
+    "health_check_response",
+    "metrics_request",
+    "metrics_response",
+    "sync_response",
+    "config_update",
+    "config_response",
+    "config_update_response",
+    "connection_quality",
+    "connection_state_change",
+    "connection_state_response",
+    "heartbeat",
+    "priority_message",
+    "debug_response",
+    "sequence_stats_response",
+    "encryption_response",
+    "key_rotation_response",
+    "batch_message_result",
+];
+
+/// Whether `t` is reserved by the protocol or the official clients.
+pub fn is_reserved_type(t: &str) -> bool {
+    RESERVED_TYPES.contains(&t)
+}
+
+/// Why the engine refused to publish or send a message.
+#[derive(Debug)]
+pub enum SendError {
+    /// The topic is empty, too long or has control characters.
+    InvalidTopic,
+    /// The type is empty or reserved by the protocol.
+    ReservedType(String),
+    /// The encoded message would exceed the 1 MiB outbound limit.
+    TooLarge(usize),
+    /// The bus failed.
+    Bus(BoxError),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::InvalidTopic => f.write_str("topic must be 1-256 bytes without control characters"),
+            SendError::ReservedType(t) if t.is_empty() => f.write_str("message type must not be empty"),
+            SendError::ReservedType(t) => write!(f, "message type {t:?} is reserved by the protocol"),
+            SendError::TooLarge(size) => write!(f, "message of {size} bytes exceeds the 1 MiB limit"),
+            SendError::Bus(error) => write!(f, "bus: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Who a direct send goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One connection.
+    Connection(ConnectionId),
+    /// Every connection of a user.
+    User(String),
+}
+
+/// A running engine; clones share it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    bus: Arc<dyn Bus>,
+    registry: Arc<Registry>,
+    connector: Arc<Connector>,
+    shutdown: watch::Sender<Shutdown>,
+    started: Instant,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.inner.config)
+            .field("connections", &self.inner.registry.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    config: Config,
+    bus: Option<Arc<dyn Bus>>,
+    handler: Arc<dyn Handler>,
+    snapshots: Option<Arc<dyn SnapshotProvider>>,
+    inbound_layers: Vec<InboundLayer>,
+    outbound_layers: Vec<OutboundLayer>,
+    stacks: Option<Arc<dyn StackBuilder>>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("config", &self.config)
+            .field("inbound_layers", &self.inbound_layers.len())
+            .field("outbound_layers", &self.outbound_layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// Uses `bus` instead of the in-memory bus.
+    pub fn bus(mut self, bus: Arc<dyn Bus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Hands application messages to `handler` (default: dropped).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Arc::new(handler);
+        self
+    }
+
+    /// Answers `sync_request` with snapshots from `provider`.
+    pub fn snapshots(mut self, provider: impl SnapshotProvider) -> Self {
+        self.snapshots = Some(Arc::new(provider));
+        self
+    }
+
+    /// Adds a layer to every connection's inbound stack, just outside dispatch. Layers added
+    /// first are outermost.
+    pub fn inbound_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<InboundService> + Send + Sync + 'static,
+        L::Service: Service<Inbound, Response = Reply, Error = BoxError> + Send + 'static,
+        <L::Service as Service<Inbound>>::Future: Send + 'static,
+    {
+        self.inbound_layers.push(BoxLayer::new(layer));
+        self
+    }
+
+    /// Adds a layer to every connection's outbound stack, outside encoding. Layers added
+    /// first are outermost.
+    pub fn outbound_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<OutboundService> + Send + Sync + 'static,
+        L::Service: Service<Outbound, Response = (), Error = BoxError> + Send + 'static,
+        <L::Service as Service<Outbound>>::Future: Send + 'static,
+    {
+        self.outbound_layers.push(BoxLayer::new(layer));
+        self
+    }
+
+    /// Replaces the standard stacks altogether with your own assembly.
+    pub fn stacks(mut self, stacks: impl StackBuilder) -> Self {
+        self.stacks = Some(Arc::new(stacks));
+        self
+    }
+
+    /// Validates the configuration and builds the engine. Needs a Tokio runtime only when serving.
+    pub fn build(self) -> Result<Engine, ConfigError> {
+        let config = self.config;
+        config.validate()?;
+        let bus = self.bus.unwrap_or_else(|| Arc::new(MemoryBus::new()));
+        let limits = Limits {
+            max_message_size: config.max_message_size,
+            max_inflated_size: config.max_message_size,
+            ..Limits::default()
+        };
+        let context = Arc::new(DispatchContext {
+            bus: Arc::clone(&bus),
+            handler: self.handler,
+            snapshots: self.snapshots,
+            settings: ProtocolSettings {
+                ping_interval: config.ping_interval,
+                max_message_size: config.max_message_size,
+                max_subscriptions: config.max_subscriptions_per_connection,
+                ..ProtocolSettings::default()
+            },
+        });
+        let stacks = self.stacks.unwrap_or_else(|| {
+            Arc::new(StandardStacks {
+                limits,
+                compression: (config.compression_threshold, config.compression_level),
+                inbound_layers: self.inbound_layers,
+                outbound_layers: self.outbound_layers,
+            })
+        });
+        let registry = Registry::new(config.max_connections);
+        let (shutdown, shutdown_rx) = watch::channel(Shutdown::Running);
+        let mut websocket = WebSocketConfig::default();
+        websocket.read_buffer_size = config.read_buffer_size;
+        websocket.write_buffer_size = config.write_buffer_size;
+        websocket.max_write_buffer_size = usize::MAX;
+        websocket.max_message_size = Some(config.max_message_size);
+        websocket.max_frame_size = Some(config.max_message_size);
+        let connector = Arc::new(Connector {
+            context,
+            registry: Arc::clone(&registry),
+            stacks,
+            settings: ConnectorSettings {
+                driver: DriverSettings {
+                    ping_interval: config.ping_interval,
+                    idle_timeout: config.idle_timeout,
+                    close_grace: config.shutdown_grace,
+                },
+                websocket,
+                queue_bytes: config.outbound_queue_bytes,
+                queue_messages: config.outbound_queue_messages,
+                delivery_capacity: config.outbound_queue_messages.min(1024),
+            },
+            shutdown: shutdown_rx,
+        });
+        Ok(Engine { inner: Arc::new(Inner { config, bus, registry, connector, shutdown, started: Instant::now() }) })
+    }
+}
+
+/// The standard stacks of [`EngineBuilder`], in the order the module documentation gives.
+struct StandardStacks {
+    limits: Limits,
+    compression: (usize, u32),
+    inbound_layers: Vec<InboundLayer>,
+    outbound_layers: Vec<OutboundLayer>,
+}
+
+impl StackBuilder for StandardStacks {
+    fn inbound(&self, connection: &Arc<Connection>, dispatch: Dispatch) -> InboundService {
+        let mut service = BoxService::new(dispatch);
+        for layer in self.inbound_layers.iter().rev() {
+            service = layer.layer(service);
+        }
+        BoxService::new(
+            ServiceBuilder::new()
+                .layer(ErrorToFrameLayer::new())
+                .layer(DecodeLayer::new(self.limits.clone(), connection.format()))
+                .service(service),
+        )
+    }
+
+    fn outbound(&self, connection: &Arc<Connection>, queue: OutboundQueue) -> OutboundService {
+        let (threshold, level) = self.compression;
+        let encode = EncodeLayer::new(connection.format())
+            .compression(threshold, level)
+            .compression_switch(connection.compression_switch());
+        let mut service = BoxService::new(encode.layer(queue));
+        for layer in self.outbound_layers.iter().rev() {
+            service = layer.layer(service);
+        }
+        service
+    }
+}
+
+fn check_type(envelope: &Envelope) -> Result<(), SendError> {
+    if envelope.t.is_empty() || is_reserved_type(&envelope.t) {
+        return Err(SendError::ReservedType(envelope.t.clone()));
+    }
+    Ok(())
+}
+
+/// Engine health, as `GET /health` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    /// `ok`, or `draining` once the engine refuses new connections.
+    pub status: &'static str,
+    /// Registered connections.
+    pub connections: usize,
+    /// Subscriptions on the local bus.
+    pub subscriptions: usize,
+    /// Seconds since the engine was built.
+    pub uptime_seconds: f64,
+    /// The engine's version.
+    pub version: &'static str,
+}
+
+impl Engine {
+    /// Starts building an engine from `config`.
+    pub fn builder(config: Config) -> EngineBuilder {
+        EngineBuilder {
+            config,
+            bus: None,
+            handler: Arc::new(NoHandler),
+            snapshots: None,
+            inbound_layers: Vec::new(),
+            outbound_layers: Vec::new(),
+            stacks: None,
+        }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Publishes to every subscriber of `topic`; the report says how many local subscribers
+    /// it reached.
+    pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReport, SendError> {
+        if !validate_topic(topic) {
+            return Err(SendError::InvalidTopic);
+        }
+        check_type(&envelope)?;
+        let publication = Publication::new(topic, envelope);
+        let size = publication.json_len();
+        if size > wsengine_core::limits::MAX_OUTBOUND_MESSAGE_SIZE {
+            return Err(SendError::TooLarge(size));
+        }
+        self.inner.bus.publish(publication).await.map_err(|e| SendError::Bus(e.into()))
+    }
+
+    /// Sends a per-connection event to one connection or to every connection of a user;
+    /// returns how many connections took it.
+    pub fn send(&self, target: &Target, envelope: Envelope) -> Result<usize, SendError> {
+        check_type(&envelope)?;
+        let connections = match target {
+            Target::Connection(id) => self.inner.registry.get(*id).into_iter().collect(),
+            Target::User(user) => self.inner.registry.user_connections(user),
+        };
+        Ok(connections.iter().filter(|c| c.deliver(Delivery::Event(Box::new(envelope.clone())))).count())
+    }
+
+    /// Sends to every registered connection; returns how many took it.
+    pub fn broadcast(&self, envelope: Envelope) -> Result<usize, SendError> {
+        check_type(&envelope)?;
+        let publication = Publication::broadcast(envelope);
+        let size = publication.json_len();
+        if size > wsengine_core::limits::MAX_OUTBOUND_MESSAGE_SIZE {
+            return Err(SendError::TooLarge(size));
+        }
+        Ok(self.inner.registry.deliver_all(&Delivery::Publication(Arc::new(publication))))
+    }
+
+    /// Closes one connection with `code` and `reason`.
+    pub fn disconnect(&self, id: ConnectionId, code: CloseCode, reason: &str) -> bool {
+        self.inner.registry.get(id).is_some_and(|c| c.deliver(Delivery::Close(code, reason.to_owned())))
+    }
+
+    /// Registered connections.
+    pub fn connection_count(&self) -> usize {
+        self.inner.registry.len()
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        Health {
+            status: if self.inner.connector.is_closing() { "draining" } else { "ok" },
+            connections: self.inner.registry.len(),
+            subscriptions: self.inner.bus.subscription_count(),
+            uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// The WebSocket upgrade service, for mounting in another hyper or axum application.
+    pub fn websocket_service(&self) -> WebSocketService {
+        WebSocketService::new(Arc::clone(&self.inner.connector))
+    }
+
+    /// The whole HTTP surface (WebSocket upgrades, `/api/*`, `/health`) as one service.
+    pub fn http_service(&self) -> crate::http::HttpService {
+        crate::http::HttpService::new(self.clone())
+    }
+
+    /// Closes every connection with 1001 and stops serving.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(Shutdown::Closing(CloseCode::GOING_AWAY, "server shutting down".into()));
+    }
+
+    /// Lame duck: refuses new upgrades and closes every connection with the configured drain
+    /// code (default 4300, empty reason) so that clients reconnect elsewhere.
+    pub fn drain(&self) {
+        let code = CloseCode(self.inner.config.drain_close_code);
+        self.inner.shutdown.send_replace(Shutdown::Draining(code, String::new()));
+    }
+
+    /// Whether shutdown or drain has begun.
+    pub fn is_closing(&self) -> bool {
+        self.inner.connector.is_closing()
+    }
+
+    /// Serves HTTP and WebSocket connections on `listener` until [`Engine::shutdown`], then
+    /// waits (up to the drain timeout) for connections to close. While draining
+    /// ([`Engine::drain`]) it keeps answering HTTP but refuses upgrades with 503.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        crate::http::serve(self, listener).await
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes.
+    pub async fn wait_for_connections(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.inner.registry.reserved() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<Shutdown> {
+        self.inner.shutdown.subscribe()
+    }
+}
