@@ -1,4 +1,5 @@
-//! A bare WebSocket echo server on hyper 1 + hyper-tungstenite, the baseline for Autobahn conformance and performance comparisons.
+//! A bare WebSocket echo server on hyper 1 + hyper-tungstenite, the baseline for Autobahn
+//! conformance and performance comparisons.
 //!
 //! Run it with `cargo run --example echo -- 127.0.0.1:9001` (the default address; port `0` picks a
 //! free port). It upgrades every request, echoes every text and binary message, and prints

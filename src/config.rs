@@ -82,7 +82,9 @@ pub struct Config {
     /// Address the HTTP/WebSocket listener binds to. Default `127.0.0.1:5006`.
     pub listen: SocketAddr,
 
-    /// Path at which WebSocket upgrades are accepted. Must start with `/`. Default `"/wse"`.
+    /// The WebSocket endpoint's path, as announced to users. Must start with `/`. Default
+    /// `"/wse"`. The standalone server accepts upgrades on any path, as PROTOCOL.md §2.1
+    /// recommends, so clients configured with another path keep working.
     pub path: String,
 
     /// Key that guards the HTTP API. Default: none, and the HTTP API is unguarded. When set it
@@ -110,12 +112,9 @@ pub struct Config {
     /// Must be greater than zero. Default 100,000.
     pub max_connections: usize,
 
-    /// Maximum number of connections in the middle of the HTTP upgrade. Must be greater than
-    /// zero. Default 512.
-    pub max_pending_handshakes: usize,
-
-    /// An upgrade not completed within this time after TCP accept is dropped. Must be greater
-    /// than zero. Default 10 s.
+    /// A client must send its complete HTTP request head (the upgrade request) within this
+    /// time after TCP accept, or the connection is dropped (slowloris protection). Must be
+    /// greater than zero. Default 10 s.
     #[serde(with = "duration_serde")]
     pub handshake_timeout: Duration,
 
@@ -173,7 +172,6 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             max_message_size: 1024 * 1024,
             max_connections: 100_000,
-            max_pending_handshakes: 512,
             handshake_timeout: Duration::from_secs(10),
             max_subscriptions_per_connection: 0,
             outbound_queue_bytes: 16 * 1024 * 1024,
@@ -297,7 +295,6 @@ impl Config {
         }
         for (key, value) in [
             ("max_connections", self.max_connections),
-            ("max_pending_handshakes", self.max_pending_handshakes),
             ("outbound_queue_bytes", self.outbound_queue_bytes),
             ("outbound_queue_messages", self.outbound_queue_messages),
         ] {
@@ -713,7 +710,6 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.max_message_size, 1_048_576);
         assert_eq!(c.max_connections, 100_000);
-        assert_eq!(c.max_pending_handshakes, 512);
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_subscriptions_per_connection, 0);
         assert_eq!(c.outbound_queue_bytes, 16_777_216);
@@ -894,7 +890,6 @@ mod tests {
             ("max_message_size = 1023", "max_message_size: must be between 1024 and 67108864 bytes, got 1023"),
             ("max_message_size = 67108865", "max_message_size: must be between 1024 and 67108864 bytes, got 67108865"),
             ("max_connections = 0", "max_connections: must be greater than zero"),
-            ("max_pending_handshakes = 0", "max_pending_handshakes: must be greater than zero"),
             ("handshake_timeout = \"0ms\"", "handshake_timeout: must be greater than zero"),
             ("outbound_queue_bytes = 0", "outbound_queue_bytes: must be greater than zero"),
             ("outbound_queue_messages = 0", "outbound_queue_messages: must be greater than zero"),

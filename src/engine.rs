@@ -30,6 +30,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::{Sink, Stream};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::util::{BoxLayer, BoxService};
@@ -49,7 +50,8 @@ use wsengine_services::message::{BoxError, Inbound, Outbound, Reply};
 use wsengine_services::publication::Publication;
 use wsengine_services::queue::OutboundQueue;
 use wsengine_services::tungstenite::protocol::WebSocketConfig;
-use wsengine_services::websocket::{Connector, ConnectorSettings, StackBuilder, WebSocketService};
+use wsengine_services::tungstenite::{Error as WsError, Message};
+use wsengine_services::websocket::{Admission, Connector, ConnectorSettings, StackBuilder, WebSocketService};
 
 use crate::config::{Config, ConfigError};
 
@@ -129,6 +131,18 @@ impl fmt::Display for SendError {
 }
 
 impl std::error::Error for SendError {}
+
+/// The engine is at its connection limit, draining or shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("connection refused: engine at capacity or closing")
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Who a direct send goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +347,17 @@ fn check_type(envelope: &Envelope) -> Result<(), SendError> {
     Ok(())
 }
 
+/// A snapshot of one connection's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The user id.
+    pub user_id: String,
+    /// Subscribed topics and patterns, sorted.
+    pub subscriptions: Vec<String>,
+    /// Messages dropped because the connection could not keep up.
+    pub dropped: u64,
+}
+
 /// Engine health, as `GET /health` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Health {
@@ -409,6 +434,14 @@ impl Engine {
         self.inner.registry.get(id).is_some_and(|c| c.deliver(Delivery::Close(code, reason.to_owned())))
     }
 
+    /// What the engine knows about one registered connection.
+    pub fn connection_info(&self, id: ConnectionId) -> Option<ConnectionInfo> {
+        let connection = self.inner.registry.get(id)?;
+        let mut subscriptions: Vec<String> = connection.with_subscriptions(|s| s.iter().cloned().collect());
+        subscriptions.sort();
+        Some(ConnectionInfo { user_id: connection.user_id().to_owned(), subscriptions, dropped: connection.dropped() })
+    }
+
     /// Registered connections.
     pub fn connection_count(&self) -> usize {
         self.inner.registry.len()
@@ -445,6 +478,23 @@ impl Engine {
     pub fn drain(&self) {
         let code = CloseCode(self.inner.config.drain_close_code);
         self.inner.shutdown.send_replace(Shutdown::Draining(code, String::new()));
+    }
+
+    /// Runs one connection on any WebSocket transport (a tungstenite socket, a bridge from
+    /// another server, in-memory channels) through the same stacks and driver as upgrades
+    /// accepted by [`Engine::serve`]. Returns when the connection has closed; refuses at once
+    /// when the engine is full or closing.
+    pub async fn run_connection<S, E>(&self, socket: S, admission: Admission) -> Result<(), Refused>
+    where
+        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = E> + Unpin,
+        E: fmt::Display,
+    {
+        if self.is_closing() {
+            return Err(Refused);
+        }
+        let slot = self.inner.registry.reserve().ok_or(Refused)?;
+        self.inner.connector.run(socket, admission, slot).await;
+        Ok(())
     }
 
     /// Whether shutdown or drain has begun.

@@ -23,8 +23,16 @@ pub mod engine;
 pub mod http;
 
 pub use config::Config;
-pub use engine::{Engine, EngineBuilder, SendError, Target};
+pub use engine::{Engine, EngineBuilder, Refused, SendError, Target};
+pub use wsengine_core as core;
+pub use wsengine_core::codes::CloseCode;
 pub use wsengine_core::{Envelope, WireFormat};
 pub use wsengine_layers as layers;
 pub use wsengine_services as services;
 pub use wsengine_services::handler::{AppBody, AppMessage, Handler, SnapshotProvider, handler_fn};
+pub use wsengine_services::websocket::Admission;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -96,7 +96,7 @@ pub struct Connection {
     compression: Arc<AtomicBool>,
     subscriptions: Mutex<HashSet<String>>,
     deliveries: DeliverySender,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Connection {
@@ -113,7 +113,7 @@ impl Connection {
             compression: Arc::new(AtomicBool::new(true)),
             subscriptions: Mutex::new(HashSet::new()),
             deliveries,
-            dropped: AtomicU64::new(0),
+            dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -162,12 +162,18 @@ impl Connection {
         f(&mut self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The drop counter, shared with the connection's outbound queue.
+    pub fn drop_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
+    }
+
     /// Counts a delivery dropped because the connection could not keep up.
     pub fn count_drop(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Deliveries dropped so far.
+    /// Messages dropped so far because the connection could not keep up (full delivery
+    /// channel or full outbound queue).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

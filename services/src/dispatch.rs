@@ -214,6 +214,11 @@ impl Inner {
             InboundBody::RawBinary(bytes) => {
                 if self.context.handler.accepts_raw() {
                     self.application(AppBody::RawBinary(bytes), encrypted).await
+                } else if self.may_send_invalid_request() {
+                    Err(protocol_error(
+                        ErrorCode::InvalidRequest,
+                        "Binary frames must be C:, M: or E: encoded messages",
+                    ))
                 } else {
                     Ok(Reply::none())
                 }

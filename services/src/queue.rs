@@ -48,7 +48,7 @@ struct Shared {
     byte_limit: usize,
     message_limit: usize,
     state: Mutex<State>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -72,12 +72,16 @@ impl std::error::Error for NotEncoded {}
 impl OutboundQueue {
     /// A queue holding at most `byte_limit` bytes and `message_limit` application frames.
     pub fn new(byte_limit: usize, message_limit: usize) -> (OutboundQueue, QueueReader) {
-        let shared = Arc::new(Shared {
-            byte_limit,
-            message_limit,
-            state: Mutex::new(State::default()),
-            dropped: AtomicU64::new(0),
-        });
+        Self::counting_drops(byte_limit, message_limit, Arc::default())
+    }
+
+    /// Like [`OutboundQueue::new`], counting drops in `dropped` (the connection's counter).
+    pub fn counting_drops(
+        byte_limit: usize,
+        message_limit: usize,
+        dropped: Arc<AtomicU64>,
+    ) -> (OutboundQueue, QueueReader) {
+        let shared = Arc::new(Shared { byte_limit, message_limit, state: Mutex::new(State::default()), dropped });
         (OutboundQueue { shared: Arc::clone(&shared) }, QueueReader { shared })
     }
 }

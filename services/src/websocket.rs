@@ -134,7 +134,11 @@ impl Connector {
     pub fn session(&self, identity: Option<Identity>, format: WireFormat) -> Session {
         let (tx, deliveries) = mpsc::channel(self.settings.delivery_capacity);
         let connection = Arc::new(Connection::new(ConnectionId::new(), identity, format, tx));
-        let (queue, reader) = OutboundQueue::new(self.settings.queue_bytes, self.settings.queue_messages);
+        let (queue, reader) = OutboundQueue::counting_drops(
+            self.settings.queue_bytes,
+            self.settings.queue_messages,
+            connection.drop_counter(),
+        );
         let inbound =
             self.stacks.inbound(&connection, Dispatch::new(Arc::clone(&self.context), Arc::clone(&connection)));
         let outbound = self.stacks.outbound(&connection, queue);

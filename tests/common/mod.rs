@@ -32,6 +32,7 @@ pub fn test_config() -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         log: "warn".into(),
         drain_timeout: Duration::from_secs(3),
+        shutdown_grace: Duration::from_millis(500),
         ..Config::default()
     }
 }
@@ -140,8 +141,13 @@ impl RawSocket {
         let mask = [0x12u8, 0x34, 0x56, 0x78];
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        // The server may close before reading everything (e.g. an oversized frame): ignore write errors.
-        let _ = self.stream.write_all(&frame).await;
+        self.send_bytes(&frame).await;
+    }
+
+    /// Writes bytes as they are (a frame header without its payload, say).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        // The server may close before reading everything: ignore write errors, never block long.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.stream.write_all(bytes)).await;
     }
 
     async fn fill(&mut self, want: usize) -> bool {
