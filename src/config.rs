@@ -153,8 +153,10 @@ pub struct Config {
     /// Per-connection WebSocket read buffer, in bytes. At least 256. Default 4096.
     pub read_buffer_size: usize,
 
-    /// Bytes buffered before they are written to the socket; 0 writes on every flush.
-    /// Default 0.
+    /// Outbound bytes a connection gathers before writing them to the socket; the driver also
+    /// writes whenever it has drained its queue, so this only batches bursts into fewer system
+    /// calls. 0 writes every message at once. Default 16384. The buffer grows on demand and is
+    /// not allocated on idle connections.
     pub write_buffer_size: usize,
 
     /// `tracing` filter directive, e.g. `"info"` or `"info,wsengine=debug"`. Must not be
@@ -182,7 +184,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
             read_buffer_size: 4096,
-            write_buffer_size: 0,
+            write_buffer_size: 16 * 1024,
             log: "info".to_owned(),
         }
     }
@@ -720,7 +722,7 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(c.read_buffer_size, 4096);
-        assert_eq!(c.write_buffer_size, 0);
+        assert_eq!(c.write_buffer_size, 16 * 1024);
         assert_eq!(c.log, "info");
         c.validate().unwrap();
         assert_eq!(Config::from_toml_str("").unwrap(), c);

@@ -411,6 +411,11 @@ impl Engine {
     /// returns how many connections took it.
     pub fn send(&self, target: &Target, envelope: Envelope) -> Result<usize, SendError> {
         check_type(&envelope)?;
+        // Refused here rather than dropped later by the encode layer, so the caller learns it.
+        let size = envelope.to_json().len();
+        if size > wsengine_core::limits::MAX_OUTBOUND_MESSAGE_SIZE {
+            return Err(SendError::TooLarge(size));
+        }
         let connections = match target {
             Target::Connection(id) => self.inner.registry.get(*id).into_iter().collect(),
             Target::User(user) => self.inner.registry.user_connections(user),

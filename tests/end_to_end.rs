@@ -325,5 +325,10 @@ async fn reserved_types_and_bad_topics_are_refused_by_the_rust_api() {
     assert!(server.engine.publish("t", Envelope::new("server_ready", json!({}))).await.is_err());
     assert!(server.engine.publish("", Envelope::new("x", json!({}))).await.is_err());
     assert!(server.engine.broadcast(Envelope::new("ping", json!({}))).is_err());
+    let huge = Envelope::new("blob", json!({"data": "x".repeat(1 << 20)}));
+    let target = Target::User("anyone".into());
+    assert!(matches!(server.engine.send(&target, huge.clone()), Err(wsengine::SendError::TooLarge(_))));
+    assert!(matches!(server.engine.publish("t", huge.clone()).await, Err(wsengine::SendError::TooLarge(_))));
+    assert!(matches!(server.engine.broadcast(huge), Err(wsengine::SendError::TooLarge(_))));
     server.stop().await;
 }

@@ -106,20 +106,23 @@ mod tests {
         envelope
     }
 
-    #[tokio::test]
-    async fn protocol_errors_become_their_frame_and_close() {
+    /// Runs one request through the layer while the inner mock fails with `error`.
+    async fn reply_when_inner_fails(error: impl Into<BoxError>) -> Reply {
+        use tower::ServiceExt;
         let (service, mut handle) = mock::pair::<Inbound, Reply>();
         let mut service = ErrorToFrameLayer::new().layer(service);
         handle.allow(1);
-        let call = tokio::spawn(async move {
-            use tower::ServiceExt;
-            service.ready().await.unwrap().call(Inbound::frame(Frame::text("{}"))).await
-        });
+        let call = tokio::spawn(async move { service.ready().await?.call(Inbound::frame(Frame::text("{}"))).await });
         let (_, respond) = handle.next_request().await.unwrap();
-        respond.send_error(
-            ProtocolError::new(ErrorCode::MessageTooLarge, "Message too large").closing(CloseCode::TOO_BIG, "too big"),
-        );
-        let reply = call.await.unwrap().unwrap();
+        respond.send_error(error);
+        call.await.unwrap().expect("the layer never fails")
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_become_their_frame_and_close() {
+        let error =
+            ProtocolError::new(ErrorCode::MessageTooLarge, "Message too large").closing(CloseCode::TOO_BIG, "too big");
+        let reply = reply_when_inner_fails(error).await;
         assert_eq!(frame_of(&reply).t, "error");
         assert_eq!(frame_of(&reply).p["code"], "MESSAGE_TOO_LARGE");
         assert_eq!(reply.close, Some((CloseCode::TOO_BIG, "too big".to_owned())));
@@ -127,16 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_errors_become_server_error_without_details() {
-        let (service, mut handle) = mock::pair::<Inbound, Reply>();
-        let mut service = ErrorToFrameLayer::new().layer(service);
-        handle.allow(1);
-        let call = tokio::spawn(async move {
-            use tower::ServiceExt;
-            service.ready().await.unwrap().call(Inbound::frame(Frame::text("{}"))).await
-        });
-        let (_, respond) = handle.next_request().await.unwrap();
-        respond.send_error(std::io::Error::other("database password is hunter2"));
-        let reply = call.await.unwrap().unwrap();
+        let reply = reply_when_inner_fails(std::io::Error::other("database password is hunter2")).await;
         assert_eq!(frame_of(&reply).p["code"], "SERVER_ERROR");
         assert!(!frame_of(&reply).p.to_string().contains("hunter2"));
         assert!(reply.close.is_none());

@@ -12,6 +12,14 @@
 //! assert_eq!(registry.len(), 0);
 //! drop(slot);
 //! assert!(ConnectionId::new().to_string().len() == 36);
+//!
+//! // Layers of one connection share state through `Connection::shared`.
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use wsengine_services::connection::Connection;
+//! let (tx, _rx) = tokio::sync::mpsc::channel(1);
+//! let connection = Connection::new(ConnectionId::new(), None, wsengine_core::WireFormat::Json, tx);
+//! connection.shared::<AtomicU32>().fetch_add(1, Ordering::Relaxed);
+//! assert_eq!(connection.shared::<AtomicU32>().load(Ordering::Relaxed), 1);
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -97,6 +105,7 @@ pub struct Connection {
     subscriptions: Mutex<HashSet<String>>,
     deliveries: DeliverySender,
     dropped: Arc<AtomicU64>,
+    shared: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl Connection {
@@ -114,6 +123,7 @@ impl Connection {
             subscriptions: Mutex::new(HashSet::new()),
             deliveries,
             dropped: Arc::new(AtomicU64::new(0)),
+            shared: Mutex::new(Vec::new()),
         }
     }
 
@@ -165,6 +175,20 @@ impl Connection {
     /// The drop counter, shared with the connection's outbound queue.
     pub fn drop_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.dropped)
+    }
+
+    /// Per-connection state of type `T` shared between layers, created on first use.
+    ///
+    /// Paired layers (say, a decrypt layer in the inbound stack and an encrypt layer in the
+    /// outbound stack) each call this with the same type and get the same value.
+    pub fn shared<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = shared.iter().find_map(|value| Arc::clone(value).downcast::<T>().ok()) {
+            return found;
+        }
+        let value = Arc::new(T::default());
+        shared.push(Arc::clone(&value) as Arc<dyn std::any::Any + Send + Sync>);
+        value
     }
 
     /// Counts a delivery dropped because the connection could not keep up.
