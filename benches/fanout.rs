@@ -10,7 +10,7 @@
 //!    publications with `Engine::publish`, at most a window of 256 ahead of the slowest
 //!    subscriber (the load generator reports progress), so nothing is dropped. The rate is
 //!    P × S / (time from the first publish until every subscriber has all P).
-//! 2. Flood: 1,000 subscribers that never read; the server publishes as fast as it can for a
+//! 2. Flood: 100 subscribers that never read; the server publishes as fast as it can for a
 //!    few seconds while this harness samples its own RSS. The per-connection delivery
 //!    channel cap and the outbound queue limits must make the RSS plateau.
 //!
@@ -44,8 +44,9 @@ const WINDOW: u64 = 256;
 const PROGRESS_EVERY: u64 = 16;
 /// Throughput target in deliveries per second.
 const TARGET: f64 = 1_000_000.0;
-/// Subscribers of the flood test.
-const FLOOD_SUBSCRIBERS: usize = 1000;
+/// Subscribers of the flood test. Few enough that their kernel send buffers (autotuned up to
+/// about 1 MiB each on loopback) fill within a second, so the engine's own queues are reached.
+const FLOOD_SUBSCRIBERS: usize = 100;
 
 /// Work for the server thread.
 enum Job {
@@ -195,7 +196,9 @@ struct Variant {
 }
 
 fn variants() -> Vec<Variant> {
-    let base = Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..Config::default() };
+    // Defaults, or WSENGINE_* environment overrides (for experiments; the harness prints them).
+    let defaults = Config::load(None).expect("WSENGINE_* configuration");
+    let base = Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..defaults };
     vec![
         Variant { name: "default (compression_threshold 1024)", config: base.clone() },
         Variant { name: "compression off", config: Config { compression_threshold: usize::MAX, ..base } },
@@ -205,12 +208,12 @@ fn variants() -> Vec<Variant> {
 fn throughput(reps: usize) -> Vec<f64> {
     // (variant, subscribers, payload bytes, publications)
     let cases: [(usize, usize, usize, u64); 6] = [
-        (0, 100, 100, 10_000),
-        (0, 1000, 100, 1_000),
-        (0, 100, 2048, 2_000),
-        (0, 1000, 2048, 200),
-        (1, 100, 2048, 2_000),
-        (1, 1000, 2048, 200),
+        (0, 100, 100, 20_000),
+        (0, 1000, 100, 2_000),
+        (0, 100, 2048, 5_000),
+        (0, 1000, 2048, 500),
+        (1, 100, 2048, 5_000),
+        (1, 1000, 2048, 500),
     ];
     let variants = variants();
     let mut rows = Vec::new();
@@ -226,6 +229,7 @@ fn throughput(reps: usize) -> Vec<f64> {
             let mut cpu_shares = Vec::new();
             let mut loadgen_cpu = Vec::new();
             let mut latency = Vec::new();
+            let mut foreign: f64 = 0.0;
             for rep in 0..reps {
                 let topic = format!("fanout.{case_number}.{rep}");
                 let run = run_paced(&server, &topic, subscribers, publications, &payload);
@@ -233,6 +237,7 @@ fn throughput(reps: usize) -> Vec<f64> {
                 cpu_shares.push(run.server_cpu);
                 loadgen_cpu.push(run.loadgen_cpu);
                 latency.push(run.first_ms);
+                foreign = foreign.max(run.foreign);
             }
             let rate = common::median(&mut rates.clone());
             if bytes <= 100 {
@@ -254,6 +259,7 @@ fn throughput(reps: usize) -> Vec<f64> {
                 format!("{:.0} %", common::median(&mut cpu_shares) * 100.0),
                 format!("{:.0} %", common::median(&mut loadgen_cpu) * 100.0),
                 format!("{:.1}", common::median(&mut latency)),
+                common::warn_foreign(foreign),
             ]);
             println!(
                 "  done: {} subscribers, {bytes} B, {}: {} deliveries/s",
@@ -278,6 +284,7 @@ fn throughput(reps: usize) -> Vec<f64> {
             "server CPU",
             "loadgen CPU",
             "first ms",
+            "other CPUs",
         ],
         &rows,
     );
@@ -286,6 +293,7 @@ fn throughput(reps: usize) -> Vec<f64> {
 
 struct PacedRun {
     rate: f64,
+    foreign: f64,
     server_cpu: f64,
     loadgen_cpu: f64,
     first_ms: f64,
@@ -318,11 +326,12 @@ fn run_paced(server: &ServerThread, topic: &str, subscribers: usize, publication
     let (acked_tx, acked) = watch::channel(0u64);
     let (reply, published) = std_mpsc::channel();
     let cpu_before = server.cpu();
+    let machine_before = common::cpu_sample();
+    let measured = Instant::now();
     server
         .jobs
         .send(Job::Paced { topic: topic.to_owned(), count: publications, payload: payload.clone(), acked, reply })
-        .ok()
-        .expect("server thread alive");
+        .unwrap_or_else(|_| panic!("server thread gone"));
     let result = loop {
         let line = loadgen.next(Duration::from_secs(120));
         match line["event"].as_str() {
@@ -336,16 +345,20 @@ fn run_paced(server: &ServerThread, topic: &str, subscribers: usize, publication
     };
     let published = published.recv_timeout(Duration::from_secs(60)).expect("publisher report");
     let cpu_after = server.cpu();
+    let machine = common::cpu_sample().busy_cpus_since(&machine_before);
+    let wall = measured.elapsed().as_secs_f64();
     loadgen.finish(Duration::from_secs(5));
     assert_eq!(result["complete"], true, "not every subscriber got every publication: {result}");
     assert_eq!(published.dropped, 0, "the publisher saw dropped deliveries");
     let done: u128 = result["done_unix_ns"].as_str().and_then(|s| s.parse().ok()).expect("done_unix_ns");
     let first: u128 = result["first_unix_ns"].as_str().and_then(|s| s.parse().ok()).unwrap_or(done);
     let seconds = done.saturating_sub(published.start_unix_ns) as f64 / 1e9;
+    let loadgen_cpu_s = result["cpu_s"].as_f64().unwrap_or(0.0);
     PacedRun {
         rate: publications as f64 * subscribers as f64 / seconds,
+        foreign: (machine - (cpu_after - cpu_before + loadgen_cpu_s) / wall).max(0.0),
         server_cpu: (cpu_after - cpu_before) / seconds,
-        loadgen_cpu: result["cpu_s"].as_f64().unwrap_or(0.0) / seconds,
+        loadgen_cpu: loadgen_cpu_s / seconds,
         first_ms: first.saturating_sub(published.start_unix_ns) as f64 / 1e6,
     }
 }
@@ -388,19 +401,21 @@ fn flood_all(seconds: f64) {
         server
             .jobs
             .send(Job::Flood { topic, duration, payload: payload.clone(), reply })
-            .ok()
-            .expect("server thread alive");
+            .unwrap_or_else(|_| panic!("server thread gone"));
         let started = Instant::now();
         let mut samples = Vec::new();
+        let mut kernel_tcp_mib = Vec::new();
         while started.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(250));
             samples.push((started.elapsed().as_secs_f64(), common::memory(None).rss));
+            kernel_tcp_mib.push(common::kernel_tcp_mib());
         }
         let published = published.recv_timeout(Duration::from_secs(30)).expect("publisher report");
         loadgen.finish(Duration::from_secs(5));
         std::thread::sleep(Duration::from_secs(1));
         let closed = common::memory(None);
         drop(server);
+        let kernel = kernel_tcp_mib.iter().copied().fold(0.0, f64::max);
 
         let mib = |kib: u64| format!("{:.0}", kib as f64 / 1024.0);
         let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
@@ -423,6 +438,7 @@ fn flood_all(seconds: f64) {
             mib(last),
             mib(peak),
             mib(closed.rss),
+            format!("{kernel:.0}"),
             common::thousands(published.publications as f64 / published.seconds),
             format!("{:.1} %", published.dropped as f64 * 100.0 / offered.max(1) as f64),
             if flat { "yes".into() } else { "NO".into() },
@@ -432,7 +448,8 @@ fn flood_all(seconds: f64) {
     println!();
     println!(
         "Publisher flood: {FLOOD_SUBSCRIBERS} subscribers that never read, {seconds} s, server RSS in MiB \
-         (samples every 250 ms; 'dropped' = refused by full delivery channels, the rest is dropped at the outbound queue):"
+         (samples every 250 ms; 'chan dropped' = refused by full delivery channels, the rest is dropped at the \
+         outbound queue; 'kernel TCP MiB' = peak socket buffer memory of the whole machine, not in any RSS):"
     );
     let half_label = format!("{:.1} s", seconds / 2.0);
     let end_label = format!("{seconds:.1} s");
@@ -448,6 +465,7 @@ fn flood_all(seconds: f64) {
             &end_label,
             "peak",
             "after close",
+            "kernel TCP MiB",
             "publications/s",
             "chan dropped",
             "plateau",
@@ -463,11 +481,12 @@ fn main() {
     let args = common::args();
     let which = args.first().map(String::as_str).unwrap_or("all");
     let reps: usize = common::env_or("WSENGINE_BENCH_REPS", 3).max(1);
-    let flood_seconds: f64 = common::env_or("WSENGINE_BENCH_FLOOD_SECS", 4.0);
+    let flood_seconds: f64 = common::env_or("WSENGINE_BENCH_FLOOD_SECS", 5.0);
     println!(
         "fanout: engine on a current-thread runtime, process on CPU 0; subscribers in wsengine-loadgen on CPU 1{}",
         if common::pinning() { "" } else { " (pinning OFF)" }
     );
+    common::report_machine_load();
     let started = Instant::now();
     if which == "all" || which == "throughput" {
         let small = throughput(reps);

@@ -68,7 +68,7 @@ fn loadgen_args(addr: &str, connections: usize, ready: bool, hold: bool) -> Vec<
 fn measure(case: &Case, connections: usize) -> Measured {
     let mut command = common::pinned_command(0, &case.program);
     command.args(&case.args).envs(case.env.iter().copied());
-    let server = Server::start(command, case.name);
+    let server = Server::start(command, case.name, !case.ready);
     let pid = Some(server.pid());
 
     // Warm-up: the runtime, the allocator's arenas and the listener's first connections.
@@ -152,6 +152,7 @@ fn main() {
         "idle_memory: {connections} idle connections per server; server on CPU 0, load generator on CPU 1{}",
         if common::pinning() { "" } else { " (pinning OFF)" }
     );
+    common::report_machine_load();
     let mut rows = Vec::new();
     let mut engine_kib = None;
     for case in &cases {

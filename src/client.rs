@@ -1,8 +1,9 @@
 //! A Rust client for WSE protocol v1: connect, hello, subscribe, receive, ping.
 //!
 //! It decodes every frame form the engine sends (text JSON, binary JSON, `C:` zlib, `M:`
-//! msgpack), answers the server's heartbeat `ping` by itself, and keeps messages that arrive
-//! while it waits for an answer, so nothing is lost between calls.
+//! msgpack, and `E:` once [`Client::hello_encrypted`] has agreed a key), answers the server's
+//! heartbeat `ping` by itself, and keeps messages that arrive while it waits for an answer, so
+//! nothing is lost between calls.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), wsengine::client::ClientError> {
@@ -89,6 +90,10 @@ pub struct Client {
     pending: VecDeque<Value>,
     limits: Limits,
     seq: u64,
+    /// The end-to-end session key, once `hello_encrypted` agreed one; from then on every
+    /// message this client sends is encrypted.
+    #[cfg(feature = "encryption")]
+    key: Option<wsengine_layers::encrypt::SessionKey>,
 }
 
 impl Client {
@@ -101,8 +106,15 @@ impl Client {
     /// and waits for `server_ready`.
     pub async fn connect_request(request: impl IntoClientRequest + Unpin) -> Result<Client, ClientError> {
         let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
-        let mut client =
-            Client { socket, server_ready: Value::Null, pending: VecDeque::new(), limits: Limits::default(), seq: 0 };
+        let mut client = Client {
+            socket,
+            server_ready: Value::Null,
+            pending: VecDeque::new(),
+            limits: Limits::default(),
+            seq: 0,
+            #[cfg(feature = "encryption")]
+            key: None,
+        };
         let first = client.next_message().await?;
         if first["t"] != "server_ready" {
             return Err(ClientError::Undecodable(format!("expected server_ready first, got {first}")));
@@ -132,6 +144,43 @@ impl Client {
         self.answer(|m| m["t"] == "server_hello").await
     }
 
+    /// Sends `client_hello` offering end-to-end encryption (PROTOCOL.md §7) and returns the
+    /// `server_hello`. When the server answers with its key, every later message is encrypted
+    /// both ways ([`Client::is_encrypted`]); otherwise the connection stays plaintext.
+    #[cfg(feature = "encryption")]
+    pub async fn hello_encrypted(&mut self) -> Result<Value, ClientError> {
+        use wsengine_layers::encrypt::{EphemeralKeyPair, parse_public_key};
+        let pair = EphemeralKeyPair::generate().map_err(|e| ClientError::Undecodable(e.to_string()))?;
+        let features = json!({"compression": true, "encryption": true, "batching": true});
+        let hello = json!({
+            "client_version": env!("CARGO_PKG_VERSION"),
+            "protocol_version": 1,
+            "features": features,
+            "encryption_public_key": pair.public_key_base64(),
+        });
+        self.send("client_hello", hello).await?;
+        let answer = self.answer(|m| m["t"] == "server_hello").await?;
+        if let Some(public) = answer["p"]["encryption_public_key"].as_str() {
+            let peer = parse_public_key(public).map_err(|e| ClientError::Undecodable(format!("server key: {e}")))?;
+            self.key = Some(pair.agree(&peer));
+        }
+        Ok(answer)
+    }
+
+    /// Whether an end-to-end key is in use.
+    pub fn is_encrypted(&self) -> bool {
+        #[cfg(feature = "encryption")]
+        return self.key.is_some();
+        #[cfg(not(feature = "encryption"))]
+        false
+    }
+
+    /// The end-to-end session key, once agreed.
+    #[cfg(feature = "encryption")]
+    pub fn session_key(&self) -> Option<&wsengine_layers::encrypt::SessionKey> {
+        self.key.as_ref()
+    }
+
     /// Subscribes and returns the `subscription_update` acknowledgement.
     pub async fn subscribe(&mut self, topics: &[&str]) -> Result<Value, ClientError> {
         self.send("subscription_update", json!({"action": "subscribe", "topics": topics})).await?;
@@ -150,10 +199,17 @@ impl Client {
         self.answer(|m| m["t"] == "PONG").await
     }
 
-    /// Sends a message of type `t` with payload `p` as a text frame.
+    /// Sends a message of type `t` with payload `p`: a text frame, or an `E:` frame once a key
+    /// has been agreed.
     pub async fn send(&mut self, t: &str, p: Value) -> Result<(), ClientError> {
         self.seq += 1;
         let message = json!({"t": t, "p": p, "id": uuid_v4ish(self.seq), "seq": self.seq, "v": 1});
+        #[cfg(feature = "encryption")]
+        if let Some(key) = &self.key {
+            let frame =
+                key.seal(message.to_string().as_bytes()).map_err(|e| ClientError::Undecodable(e.to_string()))?;
+            return self.send_raw(Message::binary(frame)).await;
+        }
         self.send_raw(Message::text(message.to_string())).await
     }
 
@@ -228,6 +284,16 @@ impl Client {
         } else if let Some(msgpack) = bytes.strip_prefix(b"M:") {
             decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
         } else if bytes.starts_with(b"E:") {
+            #[cfg(feature = "encryption")]
+            if let Some(key) = &self.key {
+                let plaintext = key.open(bytes).map_err(|e| ClientError::Undecodable(e.to_string()))?;
+                return match plaintext.strip_prefix(b"M:") {
+                    Some(msgpack) => {
+                        decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
+                    }
+                    None => parse_json(&plaintext),
+                };
+            }
             Err(ClientError::Undecodable("encrypted frame, but this client has no key".into()))
         } else {
             parse_json(bytes)

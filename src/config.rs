@@ -66,6 +66,10 @@ const MIN_MESSAGE_SIZE: usize = 1024;
 const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// Largest accepted `ping_interval` (PROTOCOL.md §10.1).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Smallest accepted `max_header_size` (hyper's minimum read buffer).
+const MIN_HEADER_SIZE: usize = 8192;
+/// Shortest accepted HS256 secret (PROTOCOL.md §2.4).
+const MIN_JWT_SECRET_LEN: usize = 32;
 /// Smallest accepted `read_buffer_size`.
 const MIN_READ_BUFFER_SIZE: usize = 256;
 
@@ -75,7 +79,7 @@ const MIN_READ_BUFFER_SIZE: usize = 256;
 /// [`Config::default`]; the module documentation describes the sources. The fields are public
 /// so that Rust users can also fill it in by hand; call [`Config::validate`] afterwards.
 ///
-/// `Debug` and [`Config::to_toml_string`] never show the API key.
+/// `Debug` and [`Config::to_toml_string`] never show the API key or the JWT secrets.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -118,18 +122,154 @@ pub struct Config {
     #[serde(with = "duration_serde")]
     pub handshake_timeout: Duration,
 
+    /// Accepted TCP connections whose HTTP request has not been answered yet (TLS handshake,
+    /// request head, upgrade). Beyond this, new connections get `503` with `Retry-After: 1`
+    /// and are closed at once. Must be greater than zero. Default 512 (PROTOCOL.md §2.6).
+    pub max_pending_handshakes: usize,
+
+    /// Largest HTTP request head (request line + headers) in bytes; a larger one is answered
+    /// with `431 Request Header Fields Too Large` and the connection is closed. At least 8192.
+    /// Default 65,536 (room for a maximal 8 KiB JWT sent both as cookie and as Bearer header).
+    pub max_header_size: usize,
+
+    /// New WebSocket upgrades allowed per second from one peer IP; beyond the burst they get
+    /// `429` with `Retry-After`. 0 turns the check off. Default 0 (off: clients behind one
+    /// NAT or proxy share an IP; set it when clients connect directly).
+    pub connect_rate_per_ip: u32,
+
+    /// Upgrades one peer IP may open at once before `connect_rate_per_ip` applies. At least 1.
+    /// Default 10.
+    pub connect_burst_per_ip: u32,
+
+    /// Origins allowed to open WebSocket connections, e.g. `["https://app.example.com",
+    /// "https://*.example.com"]` (`*.` = any subdomain). An upgrade with an `Origin` header
+    /// not on the list gets `403`; a request without `Origin` (not a browser) is let through.
+    /// Default empty: no Origin check. Recommended with cookie authentication.
+    pub allowed_origins: Vec<String>,
+
+    /// JWT algorithm: `"HS256"`, `"RS256"` or `"ES256"`; tokens with any other `alg` (and
+    /// `none`) are refused. Default `"HS256"`.
+    pub jwt_algorithm: String,
+
+    /// HS256 shared secret (at least 32 bytes). Setting it (or `jwt_public_key`) turns on JWT
+    /// authentication. Default: none. Never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+
+    /// RS256/ES256 public key: a path to a PEM file, or the PEM text itself. Setting it turns
+    /// on JWT authentication. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key: Option<String>,
+
+    /// The previous HS256 secret, still accepted during a key rotation. Default: none. Never
+    /// printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_previous_secret: Option<String>,
+
+    /// The previous RS256/ES256 public key (path or PEM), still accepted during a key
+    /// rotation. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_previous_public_key: Option<String>,
+
+    /// Required `iss` claim; empty = not checked. Default empty.
+    pub jwt_issuer: String,
+
+    /// Required `aud` claim (a token's `aud` string or array must contain it); empty = not
+    /// checked. Default empty.
+    pub jwt_audience: String,
+
+    /// Required `kid` header (not enforced for the previous key); empty = not checked.
+    /// Default empty.
+    pub jwt_key_id: String,
+
+    /// Clock leeway for `exp` and `nbf`, whole seconds. Default 30 s.
+    #[serde(with = "duration_serde")]
+    pub jwt_leeway: Duration,
+
+    /// Cookie that carries the JWT (checked before `Authorization: Bearer`). Must not be
+    /// empty. Default `"access_token"`.
+    pub jwt_cookie: String,
+
+    /// Whether connections without credentials are let in as anonymous users (user id =
+    /// connection id). When unset: `true` if no JWT key is configured (the one-command server
+    /// needs no credentials), `false` once `jwt_secret` or `jwt_public_key` is set. With a JWT
+    /// key and `allow_anonymous = true`, a request without any token is anonymous but a
+    /// request with an invalid token is still refused. Without a key, `false` refuses every
+    /// connection with `AUTH_REQUIRED` (unless the application installs a custom auth hook).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
+
+    /// Refuse failed authentication with HTTP 401 before the upgrade instead of the protocol's
+    /// `AUTH_*` error frame and close 4401. Incompatible with the TypeScript client's token
+    /// refresh, which only runs on 4401 (PROTOCOL.md §2.5). Default false.
+    pub reject_before_upgrade: bool,
+
+    /// PEM file with the TLS certificate chain. Together with `tls_key` the listener speaks
+    /// only TLS (`https://` and `wss://` on the same port). Default: none (plain TCP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+
+    /// PEM file with the TLS private key (PKCS#8, PKCS#1 or SEC1). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+
     /// Maximum number of topics one connection may subscribe to; 0 means unlimited.
     /// Default 0.
     pub max_subscriptions_per_connection: usize,
 
-    /// Per-connection outbound byte budget: while this many bytes or more are queued for a
-    /// connection, new application data frames for it are dropped (slow consumer). Must be
-    /// greater than zero. Default 16,777,216 (16 MiB).
+    /// Presence (PROTOCOL.md §6.3.6): track the users of a topic whose subscription carried
+    /// `p.presence` (or who got data from `Engine::set_presence`) and send `presence_join` /
+    /// `presence_update` / `presence_leave` to its subscribers. When off, `p.presence` is
+    /// ignored. Default false.
+    pub presence_enabled: bool,
+
+    /// Presence members (distinct users) per topic; 0 means unlimited. At the limit a new
+    /// user's subscription still succeeds but is not tracked. Default 0.
+    pub presence_max_members: usize,
+
+    /// Per-connection outbound byte budget. A message that does not fit evicts queued
+    /// messages of lower priority (lowest first, oldest first) or is dropped; CRITICAL
+    /// messages are never dropped. Must be greater than zero. Default 16,777,216 (16 MiB).
     pub outbound_queue_bytes: usize,
 
-    /// Per-connection cap on the number of queued outbound messages. Must be greater than
-    /// zero. Default 4096.
+    /// Per-connection cap on the number of queued outbound messages, enforced like
+    /// `outbound_queue_bytes`. Must be greater than zero. Default 4096.
     pub outbound_queue_messages: usize,
+
+    /// A connection whose oldest queued CRITICAL message (protocol frames, `pri` 10) has waited
+    /// this long is closed with 1013 `Slow consumer`. Must be greater than zero. Default 10 s.
+    #[serde(with = "duration_serde")]
+    pub critical_grace: Duration,
+
+    /// Inbound rate limit per connection (PROTOCOL.md §11.2): bucket capacity in frames. Every
+    /// inbound data frame costs one token (a `batch` one per element, `ping` too); a frame
+    /// that finds none is dropped and the client gets `RATE_LIMITED`. At least 1. Default 2000.
+    pub inbound_rate_capacity: u32,
+
+    /// Inbound rate limit per connection: tokens refilled per second. At least 1. Default 200.
+    pub inbound_rate_refill: u32,
+
+    /// Inbound rate limit per user, shared by all connections of an authenticated user:
+    /// bucket capacity. At least 1 when `user_rate_refill` is on. Default 20000 (ten
+    /// connections' worth).
+    pub user_rate_capacity: u32,
+
+    /// Inbound rate limit per user: tokens refilled per second; 0 turns the per-user limit
+    /// off. Default 2000.
+    pub user_rate_refill: u32,
+
+    /// Outbound rate limit per connection for application events (direct sends, handler
+    /// replies; PROTOCOL.md §11.1): bucket capacity. Publications, broadcasts, replays,
+    /// snapshots and protocol frames are not limited. At least 1. Default 100000.
+    pub outbound_rate_capacity: u32,
+
+    /// Outbound event rate limit: tokens refilled per second. At least 1. Default 10000.
+    pub outbound_rate_refill: u32,
+
+    /// A connection whose inbound frames were dropped in each of this many consecutive
+    /// one-second windows is closed with 4429 `Rate limit exceeded`; 0 never closes.
+    /// Default 10.
+    pub rate_limit_close_windows: u32,
 
     /// Outbound messages strictly larger than this many bytes are compressed. Default 1024.
     pub compression_threshold: usize,
@@ -159,6 +299,136 @@ pub struct Config {
     /// not allocated on idle connections.
     pub write_buffer_size: usize,
 
+    /// Guard the application handler, the snapshot provider and the bus publish with circuit
+    /// breakers (one engine-wide breaker each). Default true. Needs the `circuit_breaker`
+    /// cargo feature (on by default); without it the `circuit_breaker_*` keys have no effect.
+    pub circuit_breaker: bool,
+
+    /// Share of failed calls among the recent ones at which a breaker opens, in (0, 1].
+    /// Default 0.5.
+    pub circuit_breaker_failure_rate: f64,
+
+    /// How many recent calls a breaker's sliding window holds. At least 1. Default 20.
+    pub circuit_breaker_window: usize,
+
+    /// Calls older than this leave the window. Must be greater than zero. Default 60 s.
+    #[serde(with = "duration_serde")]
+    pub circuit_breaker_window_duration: Duration,
+
+    /// A breaker never opens with fewer calls than this in its window. Between 1 and
+    /// `circuit_breaker_window`. Default 10.
+    pub circuit_breaker_min_calls: usize,
+
+    /// How long an open breaker fails fast before it lets probe calls through. Must be greater
+    /// than zero. Default 30 s.
+    #[serde(with = "duration_serde")]
+    pub circuit_breaker_open_timeout: Duration,
+
+    /// Probe calls a half-open breaker lets through; that many successes close it, one failure
+    /// opens it again. At least 1. Default 3.
+    pub circuit_breaker_half_open_probes: u32,
+
+    /// Dead letters kept per topic (handler failures count as one topic); the oldest is evicted
+    /// first. Must be greater than zero. Default 1000.
+    pub dlq_max_per_topic: usize,
+
+    /// Dead letters kept in all; the oldest is evicted first. Must be greater than zero.
+    /// Default 100,000.
+    pub dlq_max_entries: usize,
+
+    /// Dead letters older than this are dropped. Must be greater than zero. Default 7 days
+    /// (`"168h"`).
+    #[serde(with = "duration_serde")]
+    pub dlq_ttl: Duration,
+
+    /// Record application messages whose handler failed in the dead-letter queue (this keeps
+    /// a copy of each application message while its handler runs). Default true.
+    pub dlq_handler_failures: bool,
+
+    /// Recovery (PROTOCOL.md §9): stamp every topic publication with `tp` / `e` / `o`, keep a
+    /// per-topic history and answer `recover: true` subscribes from it; announced as
+    /// `features.recovery`. Default false.
+    pub recovery_enabled: bool,
+
+    /// Publications kept per topic, rounded up to a power of two, at least 16. At most
+    /// 1,048,576. Default 128.
+    pub recovery_buffer_size: usize,
+
+    /// A topic's history without publications for this long is dropped (the next publication
+    /// starts a new epoch). Must be greater than zero. Default 300 s.
+    #[serde(with = "duration_serde")]
+    pub recovery_ttl: Duration,
+
+    /// Most publications one recovery may replay; further behind gets `recovered: false`.
+    /// At least 1. Default 500.
+    pub recovery_max_replay: usize,
+
+    /// Bytes all topic histories may use together; beyond it whole histories are evicted,
+    /// least recently published first. At least 1 MiB. Default 256 MiB.
+    pub recovery_memory: usize,
+
+    /// A publication with a caller-supplied `id` published to the same topic again within this
+    /// window is delivered once (the retry gets the first publish's report); `0` turns this
+    /// off. Default 60 s.
+    #[serde(with = "duration_serde")]
+    pub publish_dedup_window: Duration,
+
+    /// After a successful subscribe, send the snapshot provider's events for the newly
+    /// subscribed topics, then `snapshot_complete` (as for `sync_request`). Default false.
+    pub snapshot_on_subscribe: bool,
+
+    /// End-to-end encryption (PROTOCOL.md §7): `"off"`, `"optional"` (offered to clients that
+    /// send a key in `client_hello`) or `"required"` (a `client_hello` without a usable key, or
+    /// a plaintext application message, gets an error and close 1008; application data is
+    /// never sent in plaintext). Default `"optional"`. Needs the `encryption` cargo feature
+    /// (on by default) unless `"off"`.
+    pub encryption: String,
+
+    /// Message signing (PROTOCOL.md §8): `"off"`, `"verify"` (inbound signatures are checked
+    /// and reported to the handler; outbound application data is signed) or `"require"`
+    /// (inbound messages other than heartbeats and `client_hello` must carry a valid
+    /// signature, else `INVALID_SIGNATURE`). Default `"off"`. Needs `signing_secret` and the
+    /// `signing` cargo feature (on by default) unless `"off"`.
+    pub signing: String,
+
+    /// HMAC-SHA256 shared secret for signing, at least 32 bytes. Default: none. Never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<String>,
+
+    /// The previous signing secret during a rotation: still accepted when verifying, never
+    /// used to sign. At least 32 bytes. Default: none. Never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_previous_secret: Option<String>,
+
+    /// How the engine writes signatures: `"base64"` or `"hex"`; both are accepted inbound.
+    /// Default `"base64"`.
+    pub signing_encoding: String,
+
+    /// Sign outbound application data (events, snapshots, publications, broadcasts) when
+    /// `signing` is on. Default true.
+    pub sign_outbound: bool,
+
+    /// Outbound message types to sign; empty signs every application data frame. Default empty.
+    pub sign_types: Vec<String>,
+
+    /// In `require` mode, the inbound types that must be signed; empty means every type but
+    /// `ping`, `PING`, `pong`, `PONG` and `client_hello`. Default empty.
+    pub signing_require_types: Vec<String>,
+
+    /// In `verify` mode, drop messages with an invalid signature (`INVALID_SIGNATURE` error)
+    /// instead of handing them over marked invalid. Default false.
+    pub signing_reject_invalid: bool,
+
+    /// A signed message's `id` may not repeat within this window for the same user. Must be
+    /// greater than zero. Default 300 s.
+    #[serde(with = "duration_serde")]
+    pub signing_replay_window: Duration,
+
+    /// A signed message's `ts` must be within this much of the engine's clock. Must be greater
+    /// than zero. Default 300 s.
+    #[serde(with = "duration_serde")]
+    pub signing_max_clock_skew: Duration,
+
     /// `tracing` filter directive, e.g. `"info"` or `"info,wsengine=debug"`. Must not be
     /// empty. Default `"info"`.
     pub log: String,
@@ -175,9 +445,38 @@ impl Default for Config {
             max_message_size: 1024 * 1024,
             max_connections: 100_000,
             handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 512,
+            max_header_size: 64 * 1024,
+            connect_rate_per_ip: 0,
+            connect_burst_per_ip: 10,
+            allowed_origins: Vec::new(),
+            jwt_algorithm: "HS256".to_owned(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_previous_secret: None,
+            jwt_previous_public_key: None,
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
+            jwt_key_id: String::new(),
+            jwt_leeway: Duration::from_secs(30),
+            jwt_cookie: "access_token".to_owned(),
+            allow_anonymous: None,
+            reject_before_upgrade: false,
+            tls_cert: None,
+            tls_key: None,
             max_subscriptions_per_connection: 0,
+            presence_enabled: false,
+            presence_max_members: 0,
             outbound_queue_bytes: 16 * 1024 * 1024,
             outbound_queue_messages: 4096,
+            critical_grace: Duration::from_secs(10),
+            inbound_rate_capacity: 2000,
+            inbound_rate_refill: 200,
+            user_rate_capacity: 20_000,
+            user_rate_refill: 2000,
+            outbound_rate_capacity: 100_000,
+            outbound_rate_refill: 10_000,
+            rate_limit_close_windows: 10,
             compression_threshold: 1024,
             compression_level: 1,
             drain_close_code: 4300,
@@ -185,6 +484,35 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(2),
             read_buffer_size: 4096,
             write_buffer_size: 16 * 1024,
+            circuit_breaker: true,
+            circuit_breaker_failure_rate: 0.5,
+            circuit_breaker_window: 20,
+            circuit_breaker_window_duration: Duration::from_secs(60),
+            circuit_breaker_min_calls: 10,
+            circuit_breaker_open_timeout: Duration::from_secs(30),
+            circuit_breaker_half_open_probes: 3,
+            dlq_max_per_topic: 1000,
+            dlq_max_entries: 100_000,
+            dlq_ttl: Duration::from_secs(7 * 24 * 3600),
+            dlq_handler_failures: true,
+            recovery_enabled: false,
+            recovery_buffer_size: 128,
+            recovery_ttl: Duration::from_secs(300),
+            recovery_max_replay: 500,
+            recovery_memory: 256 << 20,
+            publish_dedup_window: Duration::from_secs(60),
+            snapshot_on_subscribe: false,
+            encryption: "optional".to_owned(),
+            signing: "off".to_owned(),
+            signing_secret: None,
+            signing_previous_secret: None,
+            signing_encoding: "base64".to_owned(),
+            sign_outbound: true,
+            sign_types: Vec::new(),
+            signing_require_types: Vec::new(),
+            signing_reject_invalid: false,
+            signing_replay_window: Duration::from_secs(300),
+            signing_max_clock_skew: Duration::from_secs(300),
             log: "info".to_owned(),
         }
     }
@@ -307,6 +635,9 @@ impl Config {
         if self.handshake_timeout.is_zero() {
             return fail("handshake_timeout", "must be greater than zero".to_owned());
         }
+        if self.critical_grace.is_zero() {
+            return fail("critical_grace", "must be greater than zero".to_owned());
+        }
         if !(1..=9).contains(&self.compression_level) {
             return fail("compression_level", format!("must be between 1 and 9, got {}", self.compression_level));
         }
@@ -326,10 +657,157 @@ impl Config {
                 format!("must be at least {MIN_READ_BUFFER_SIZE} bytes, got {}", self.read_buffer_size),
             );
         }
+        if !(self.circuit_breaker_failure_rate > 0.0 && self.circuit_breaker_failure_rate <= 1.0) {
+            return fail(
+                "circuit_breaker_failure_rate",
+                format!("must be greater than 0 and at most 1, got {}", self.circuit_breaker_failure_rate),
+            );
+        }
+        for (key, value) in [
+            ("inbound_rate_capacity", self.inbound_rate_capacity),
+            ("inbound_rate_refill", self.inbound_rate_refill),
+            ("outbound_rate_capacity", self.outbound_rate_capacity),
+            ("outbound_rate_refill", self.outbound_rate_refill),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1 token".to_owned());
+            }
+        }
+        if self.user_rate_refill != 0 && self.user_rate_capacity == 0 {
+            return fail(
+                "user_rate_capacity",
+                "must be at least 1 token while user_rate_refill is on (set user_rate_refill = 0 to turn the per-user limit off)"
+                    .to_owned(),
+            );
+        }
+        if self.circuit_breaker_window == 0 {
+            return fail("circuit_breaker_window", "must be at least 1 call".to_owned());
+        }
+        if !(1..=self.circuit_breaker_window).contains(&self.circuit_breaker_min_calls) {
+            return fail(
+                "circuit_breaker_min_calls",
+                format!(
+                    "must be between 1 and circuit_breaker_window ({}), got {}",
+                    self.circuit_breaker_window, self.circuit_breaker_min_calls
+                ),
+            );
+        }
+        if self.circuit_breaker_half_open_probes == 0 {
+            return fail("circuit_breaker_half_open_probes", "must be at least 1".to_owned());
+        }
+        for (key, value) in [
+            ("circuit_breaker_window_duration", self.circuit_breaker_window_duration),
+            ("circuit_breaker_open_timeout", self.circuit_breaker_open_timeout),
+            ("dlq_ttl", self.dlq_ttl),
+        ] {
+            if value.is_zero() {
+                return fail(key, "must be greater than zero".to_owned());
+            }
+        }
+        for (key, value) in [("dlq_max_per_topic", self.dlq_max_per_topic), ("dlq_max_entries", self.dlq_max_entries)] {
+            if value == 0 {
+                return fail(key, "must be greater than zero".to_owned());
+            }
+        }
         if self.log.trim().is_empty() {
             return fail("log", "must not be empty (e.g. \"info\")".to_owned());
         }
+        if self.recovery_buffer_size > 1 << 20 {
+            return fail("recovery_buffer_size", format!("must be at most 1048576, got {}", self.recovery_buffer_size));
+        }
+        if self.recovery_ttl.is_zero() {
+            return fail("recovery_ttl", "must be greater than zero".to_owned());
+        }
+        if self.recovery_max_replay == 0 {
+            return fail("recovery_max_replay", "must be at least 1".to_owned());
+        }
+        if self.recovery_memory < 1 << 20 {
+            return fail("recovery_memory", format!("must be at least 1 MiB (1048576), got {}", self.recovery_memory));
+        }
+        self.validate_handshake()?;
+        self.validate_message_security()?;
         Ok(())
+    }
+
+    /// Rules of the handshake-tier keys (admission, JWT, TLS).
+    fn validate_handshake(&self) -> Result<(), ConfigError> {
+        fn fail(key: &str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::new(key, reason))
+        }
+        if self.max_pending_handshakes == 0 {
+            return fail("max_pending_handshakes", "must be greater than zero");
+        }
+        if self.max_header_size < MIN_HEADER_SIZE {
+            return fail(
+                "max_header_size",
+                format!("must be at least {MIN_HEADER_SIZE} bytes, got {}", self.max_header_size),
+            );
+        }
+        if self.connect_burst_per_ip == 0 {
+            return fail("connect_burst_per_ip", "must be at least 1");
+        }
+        if let Some(origin) = self.allowed_origins.iter().find(|o| !o.contains("://")) {
+            return fail(
+                "allowed_origins",
+                format!("{origin:?} is not an origin (expected e.g. \"https://app.example.com\")"),
+            );
+        }
+        let algorithm = self.jwt_algorithm.to_ascii_uppercase();
+        let symmetric = match algorithm.as_str() {
+            "HS256" => true,
+            "RS256" | "ES256" => false,
+            _ => return fail("jwt_algorithm", format!("must be HS256, RS256 or ES256, got {:?}", self.jwt_algorithm)),
+        };
+        for (key, value) in [("jwt_secret", &self.jwt_secret), ("jwt_previous_secret", &self.jwt_previous_secret)] {
+            let Some(secret) = value else { continue };
+            if !symmetric {
+                return fail(key, format!("is for HS256; {algorithm} verifies with jwt_public_key"));
+            }
+            if secret == REDACTED {
+                return fail(
+                    key,
+                    format!("{REDACTED:?} is the placeholder printed instead of the secret, not a secret"),
+                );
+            }
+            if secret.len() < MIN_JWT_SECRET_LEN {
+                return fail(
+                    key,
+                    format!("an HS256 secret must be at least {MIN_JWT_SECRET_LEN} bytes, got {}", secret.len()),
+                );
+            }
+        }
+        for (key, value) in
+            [("jwt_public_key", &self.jwt_public_key), ("jwt_previous_public_key", &self.jwt_previous_public_key)]
+        {
+            if value.is_some() && symmetric {
+                return fail(key, "is for RS256 and ES256; HS256 verifies with jwt_secret");
+            }
+        }
+        if self.jwt_previous_secret.is_some() && self.jwt_secret.is_none() {
+            return fail("jwt_previous_secret", "needs jwt_secret (the current secret) as well");
+        }
+        if self.jwt_previous_public_key.is_some() && self.jwt_public_key.is_none() {
+            return fail("jwt_previous_public_key", "needs jwt_public_key (the current key) as well");
+        }
+        if self.jwt_cookie.trim().is_empty() || self.jwt_cookie.contains([';', '=', ' ']) {
+            return fail("jwt_cookie", format!("must be a cookie name, got {:?}", self.jwt_cookie));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            let missing = if self.tls_cert.is_none() { "tls_cert" } else { "tls_key" };
+            return fail(missing, "tls_cert and tls_key must be set together");
+        }
+        Ok(())
+    }
+
+    /// Whether a JWT key is configured (`jwt_secret` or `jwt_public_key`), i.e. `jwt` mode.
+    pub fn jwt_enabled(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+    }
+
+    /// Whether connections without credentials are let in: `allow_anonymous` when set,
+    /// otherwise only when no JWT key is configured.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(!self.jwt_enabled())
     }
 
     /// The configuration as TOML, e.g. for `--print-config`. A set API key is shown as
@@ -345,7 +823,80 @@ impl Config {
         if copy.api_key.is_some() {
             copy.api_key = Some(REDACTED.to_owned());
         }
+        for secret in [
+            &mut copy.jwt_secret,
+            &mut copy.jwt_previous_secret,
+            &mut copy.signing_secret,
+            &mut copy.signing_previous_secret,
+        ] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.to_owned());
+            }
+        }
         copy
+    }
+}
+
+/// Smallest accepted signing secret (PROTOCOL.md §8.3).
+const MIN_SIGNING_SECRET: usize = 32;
+
+impl Config {
+    /// Rules of the end-to-end encryption and signing keys.
+    fn validate_message_security(&self) -> Result<(), ConfigError> {
+        fn fail(key: &str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::new(key, reason))
+        }
+        if !["off", "optional", "required"].contains(&self.encryption.as_str()) {
+            return fail(
+                "encryption",
+                format!("must be \"off\", \"optional\" or \"required\", got {:?}", self.encryption),
+            );
+        }
+        if cfg!(not(feature = "encryption")) && self.encryption != "off" {
+            return fail("encryption", "needs the `encryption` cargo feature; set it to \"off\" or enable the feature");
+        }
+        if !["off", "verify", "require"].contains(&self.signing.as_str()) {
+            return fail("signing", format!("must be \"off\", \"verify\" or \"require\", got {:?}", self.signing));
+        }
+        if !["base64", "hex"].contains(&self.signing_encoding.as_str()) {
+            return fail("signing_encoding", format!("must be \"base64\" or \"hex\", got {:?}", self.signing_encoding));
+        }
+        for (key, secret) in
+            [("signing_secret", &self.signing_secret), ("signing_previous_secret", &self.signing_previous_secret)]
+        {
+            match secret {
+                Some(secret) if secret == REDACTED => {
+                    return fail(
+                        key,
+                        format!("{REDACTED:?} is the placeholder printed instead of the secret, not a secret"),
+                    );
+                }
+                Some(secret) if secret.len() < MIN_SIGNING_SECRET => {
+                    return fail(key, format!("must be at least {MIN_SIGNING_SECRET} bytes, got {}", secret.len()));
+                }
+                _ => {}
+            }
+        }
+        if self.signing != "off" {
+            if cfg!(not(feature = "signing")) {
+                return fail("signing", "needs the `signing` cargo feature; set it to \"off\" or enable the feature");
+            }
+            if self.signing_secret.is_none() {
+                return fail("signing_secret", format!("is required when signing is {:?}", self.signing));
+            }
+        }
+        if self.signing_previous_secret.is_some() && self.signing_secret.is_none() {
+            return fail("signing_previous_secret", "needs signing_secret (the current secret) as well");
+        }
+        for (key, value) in [
+            ("signing_replay_window", self.signing_replay_window),
+            ("signing_max_clock_skew", self.signing_max_clock_skew),
+        ] {
+            if value.is_zero() {
+                return fail(key, "must be greater than zero");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -383,7 +934,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(key: &str, reason: impl Into<String>) -> Self {
         ConfigError { key: Some(key.to_owned()), reason: reason.into() }
     }
 
@@ -716,6 +1267,11 @@ mod tests {
         assert_eq!(c.max_subscriptions_per_connection, 0);
         assert_eq!(c.outbound_queue_bytes, 16_777_216);
         assert_eq!(c.outbound_queue_messages, 4096);
+        assert_eq!(c.critical_grace, Duration::from_secs(10));
+        assert_eq!((c.inbound_rate_capacity, c.inbound_rate_refill), (2000, 200));
+        assert_eq!((c.user_rate_capacity, c.user_rate_refill), (20_000, 2000));
+        assert_eq!((c.outbound_rate_capacity, c.outbound_rate_refill), (100_000, 10_000));
+        assert_eq!(c.rate_limit_close_windows, 10);
         assert_eq!(c.compression_threshold, 1024);
         assert_eq!(c.compression_level, 1);
         assert_eq!(c.drain_close_code, 4300);
@@ -724,9 +1280,36 @@ mod tests {
         assert_eq!(c.read_buffer_size, 4096);
         assert_eq!(c.write_buffer_size, 16 * 1024);
         assert_eq!(c.log, "info");
+        assert!(c.circuit_breaker);
+        assert_eq!(c.circuit_breaker_failure_rate, 0.5);
+        assert_eq!((c.circuit_breaker_window, c.circuit_breaker_min_calls), (20, 10));
+        assert_eq!(c.circuit_breaker_window_duration, Duration::from_secs(60));
+        assert_eq!(c.circuit_breaker_open_timeout, Duration::from_secs(30));
+        assert_eq!(c.circuit_breaker_half_open_probes, 3);
+        assert_eq!((c.dlq_max_per_topic, c.dlq_max_entries), (1000, 100_000));
+        assert_eq!(c.dlq_ttl, Duration::from_secs(604_800));
+        assert!(c.dlq_handler_failures);
         c.validate().unwrap();
         assert_eq!(Config::from_toml_str("").unwrap(), c);
         assert_eq!(Config::from_sources(None, Vec::new()).unwrap(), c);
+    }
+
+    #[test]
+    fn encryption_and_signing_keys_are_checked() {
+        let ok = Config::from_toml_str(
+            "encryption = \"required\"\nsigning = \"verify\"\nsigning_secret = \"0123456789abcdef0123456789abcdef\"",
+        )
+        .unwrap();
+        assert_eq!(ok.encryption, "required");
+        assert!(!format!("{ok:?}").contains("0123456789abcdef"), "the signing secret is never printed");
+        for (text, expected) in [
+            ("encryption = \"maybe\"", "encryption: must be \"off\", \"optional\" or \"required\", got \"maybe\""),
+            ("signing = \"verify\"", "signing_secret: is required when signing is \"verify\""),
+            ("signing_secret = \"short\"", "signing_secret: must be at least 32 bytes, got 5"),
+            ("signing_encoding = \"b32\"", "signing_encoding: must be \"base64\" or \"hex\", got \"b32\""),
+        ] {
+            assert_eq!(Config::from_toml_str(text).unwrap_err().to_string(), expected, "{text}");
+        }
     }
 
     #[test]
@@ -738,7 +1321,20 @@ mod tests {
         for key in defaults.keys() {
             assert!(keys.contains(&key.as_str()), "{key} missing");
         }
-        assert_eq!(keys.len(), defaults.len() + 1); // + api_key, absent when unset
+        // + the optional keys, absent when unset
+        let optional = [
+            "api_key",
+            "jwt_secret",
+            "jwt_public_key",
+            "jwt_previous_secret",
+            "jwt_previous_public_key",
+            "allow_anonymous",
+            "tls_cert",
+            "tls_key",
+            "signing_secret",
+            "signing_previous_secret",
+        ];
+        assert_eq!(keys.len(), defaults.len() + optional.len());
     }
 
     #[test]
@@ -895,10 +1491,39 @@ mod tests {
             ("handshake_timeout = \"0ms\"", "handshake_timeout: must be greater than zero"),
             ("outbound_queue_bytes = 0", "outbound_queue_bytes: must be greater than zero"),
             ("outbound_queue_messages = 0", "outbound_queue_messages: must be greater than zero"),
+            ("critical_grace = 0", "critical_grace: must be greater than zero"),
+            ("inbound_rate_capacity = 0", "inbound_rate_capacity: must be at least 1 token"),
+            ("inbound_rate_refill = 0", "inbound_rate_refill: must be at least 1 token"),
+            ("outbound_rate_capacity = 0", "outbound_rate_capacity: must be at least 1 token"),
+            ("outbound_rate_refill = 0", "outbound_rate_refill: must be at least 1 token"),
+            (
+                "user_rate_capacity = 0",
+                "user_rate_capacity: must be at least 1 token while user_rate_refill is on \
+                 (set user_rate_refill = 0 to turn the per-user limit off)",
+            ),
             ("compression_level = 0", "compression_level: must be between 1 and 9, got 0"),
             ("compression_level = 10", "compression_level: must be between 1 and 9, got 10"),
             ("read_buffer_size = 255", "read_buffer_size: must be at least 256 bytes, got 255"),
             ("log = \" \"", "log: must not be empty (e.g. \"info\")"),
+            (
+                "circuit_breaker_failure_rate = 0.0",
+                "circuit_breaker_failure_rate: must be greater than 0 and at most 1, got 0",
+            ),
+            (
+                "circuit_breaker_failure_rate = 1.5",
+                "circuit_breaker_failure_rate: must be greater than 0 and at most 1, got 1.5",
+            ),
+            ("circuit_breaker_window = 0", "circuit_breaker_window: must be at least 1 call"),
+            (
+                "circuit_breaker_min_calls = 21",
+                "circuit_breaker_min_calls: must be between 1 and circuit_breaker_window (20), got 21",
+            ),
+            ("circuit_breaker_half_open_probes = 0", "circuit_breaker_half_open_probes: must be at least 1"),
+            ("circuit_breaker_open_timeout = 0", "circuit_breaker_open_timeout: must be greater than zero"),
+            ("circuit_breaker_window_duration = 0", "circuit_breaker_window_duration: must be greater than zero"),
+            ("dlq_ttl = 0", "dlq_ttl: must be greater than zero"),
+            ("dlq_max_per_topic = 0", "dlq_max_per_topic: must be greater than zero"),
+            ("dlq_max_entries = 0", "dlq_max_entries: must be greater than zero"),
         ];
         for (text, message) in cases {
             assert_eq!(err_of(text).to_string(), *message, "for {text:?}");

@@ -4,14 +4,33 @@
 //! provider, bus) and optional user layers, and builds every connection's message stacks in
 //! one fixed order:
 //!
-//! - inbound, outermost first: error-to-frame → decode → *user inbound layers* → dispatch;
-//! - outbound, outermost first: *user outbound layers* → encode (format, `seq`, `C:`
-//!   compression) → outbound queue.
+//! - inbound, outermost first: error-to-frame → inbound rate limit (per connection and per
+//!   user, one token per frame; dispatch charges further `batch` elements through the
+//!   limiter's hook) → decrypt (`E:` frames, key exchange; unless `encryption = "off"`) →
+//!   decode → verify signature (when `signing` is on) → *user inbound layers* → dispatch;
+//! - outbound, outermost first: *user outbound layers* → outbound event rate limit (direct
+//!   sends and handler replies only) → sign (when `signing` is on and `sign_outbound`) →
+//!   encode (format, `seq`, `C:` compression) → encrypt (E2E connections) → outbound queue.
 //!
-//! User inbound layers therefore see decoded messages just before dispatch, and user outbound
-//! layers see envelopes and publications before they are encoded. Later layers (rate limit,
-//! decrypt, verify, circuit breaker; sign, encrypt) slot into the documented places without
-//! moving these.
+//! User inbound layers therefore see decoded, decrypted and verified messages just before
+//! dispatch, and user outbound layers see envelopes and publications before they are signed
+//! and encoded. The inbound limiter comes before any decryption or decoding, so a flood
+//! costs one bucket check per frame. The outbound limiter sits above sign and encode rather
+//! than just above the queue: a dropped event then costs no signing or encoding and leaves
+//! no gap in `seq`, snapshot events are still recognisable by their category (they are not
+//! limited), and its own `rate_limit_warning` / `RATE_LIMITED` frames get a `seq` like every
+//! other protocol frame.
+//!
+//! The circuit breakers are not in the inbound stack: they wrap the hooks dispatch calls (the
+//! application handler, the snapshot provider) and the bus publish of [`Engine::publish`], one
+//! engine-wide breaker each, so protocol traffic never meets them. Failed publishes and
+//! handler failures go to the dead-letter queue ([`Engine::dead_letters`],
+//! [`Engine::replay_dead_letters`]); see the `resilience` submodule.
+//!
+//! Before any of that, the upgrade request passes the handshake tier
+//! ([`Engine::handshake_service`]), outermost first: admission (Origin allow-list, per-IP
+//! connect rate) → authentication (JWT from `jwt_secret` / `jwt_public_key`, or the hook of
+//! `EngineBuilder::auth_hook`) → the upgrade service (connection limit).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,13 +66,20 @@ use wsengine_services::dispatch::{Dispatch, DispatchContext, ProtocolSettings};
 use wsengine_services::driver::{DriverSettings, InboundService, OutboundService, Shutdown};
 use wsengine_services::handler::{Handler, NoHandler, SnapshotProvider};
 use wsengine_services::message::{BoxError, Inbound, Outbound, Reply};
+use wsengine_services::presence::{Presence, PresenceError, PresenceMember, PresenceSettings, PresenceStats};
 use wsengine_services::publication::Publication;
 use wsengine_services::queue::OutboundQueue;
+use wsengine_services::recovery::RecoverySettings;
 use wsengine_services::tungstenite::protocol::WebSocketConfig;
 use wsengine_services::tungstenite::{Error as WsError, Message};
 use wsengine_services::websocket::{Admission, Connector, ConnectorSettings, StackBuilder, WebSocketService};
 
 use crate::config::{Config, ConfigError};
+
+mod rate_limits;
+mod resilience;
+mod security;
+pub use resilience::BreakerHealth;
 
 /// A user layer for the inbound stack (type-erased).
 pub type InboundLayer = BoxLayer<InboundService, Inbound, Reply, BoxError>;
@@ -116,6 +142,11 @@ pub enum SendError {
     TooLarge(usize),
     /// The bus failed.
     Bus(BoxError),
+    /// The circuit breaker around the bus publish is open; try again after `retry_after`.
+    CircuitOpen {
+        /// Time until the breaker lets probe publishes through.
+        retry_after: Duration,
+    },
 }
 
 impl fmt::Display for SendError {
@@ -126,6 +157,9 @@ impl fmt::Display for SendError {
             SendError::ReservedType(t) => write!(f, "message type {t:?} is reserved by the protocol"),
             SendError::TooLarge(size) => write!(f, "message of {size} bytes exceeds the 1 MiB limit"),
             SendError::Bus(error) => write!(f, "bus: {error}"),
+            SendError::CircuitOpen { retry_after } => {
+                write!(f, "publish circuit breaker open; retry after {:.3} s", retry_after.as_secs_f64())
+            }
         }
     }
 }
@@ -166,6 +200,12 @@ struct Inner {
     connector: Arc<Connector>,
     shutdown: watch::Sender<Shutdown>,
     started: Instant,
+    handshake: crate::http::HandshakeLayers,
+    resilience: resilience::Resilience,
+    security: security::MessageSecurity,
+    presence: Option<Arc<Presence>>,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl fmt::Debug for Engine {
@@ -186,6 +226,9 @@ pub struct EngineBuilder {
     inbound_layers: Vec<InboundLayer>,
     outbound_layers: Vec<OutboundLayer>,
     stacks: Option<Arc<dyn StackBuilder>>,
+    #[cfg(feature = "auth")]
+    auth_hook: Option<Arc<dyn wsengine_layers::auth::AuthHook>>,
+    dead_letters: Option<Arc<dyn wsengine_services::dlq::DeadLetterStore>>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -214,6 +257,12 @@ impl EngineBuilder {
     /// Answers `sync_request` with snapshots from `provider`.
     pub fn snapshots(mut self, provider: impl SnapshotProvider) -> Self {
         self.snapshots = Some(Arc::new(provider));
+        self
+    }
+
+    /// Keeps dead letters in `store` instead of the in-memory store sized by the `dlq_*` keys.
+    pub fn dead_letters(mut self, store: Arc<dyn wsengine_services::dlq::DeadLetterStore>) -> Self {
+        self.dead_letters = Some(store);
         self
     }
 
@@ -247,33 +296,80 @@ impl EngineBuilder {
         self
     }
 
+    /// Authenticates upgrades with your own hook (`custom` mode, PROTOCOL.md §2.3) instead of
+    /// JWT: it sees the headers, query and peer address and returns a user id (and optionally
+    /// a topic ACL) or a refusal (`AUTH_FAILED` with its message, close 4401). Cannot be
+    /// combined with `jwt_secret` / `jwt_public_key`.
+    #[cfg(feature = "auth")]
+    pub fn auth_hook(mut self, hook: impl wsengine_layers::auth::AuthHook) -> Self {
+        self.auth_hook = Some(Arc::new(hook));
+        self
+    }
+
     /// Validates the configuration and builds the engine. Needs a Tokio runtime only when serving.
     pub fn build(self) -> Result<Engine, ConfigError> {
         let config = self.config;
         config.validate()?;
-        let bus = self.bus.unwrap_or_else(|| Arc::new(MemoryBus::new()));
+        #[cfg(feature = "auth")]
+        let handshake = crate::http::HandshakeLayers::from_config(&config, self.auth_hook)?;
+        #[cfg(not(feature = "auth"))]
+        let handshake = crate::http::HandshakeLayers::from_config(&config)?;
+        #[cfg(feature = "tls")]
+        let tls = crate::tls::acceptor_from_config(&config)?;
+        #[cfg(not(feature = "tls"))]
+        if config.tls_cert.is_some() {
+            return Err(ConfigError::new("tls_cert", "this build of wsengine has no `tls` feature"));
+        }
+        let bus = self.bus.unwrap_or_else(|| {
+            let mut bus = MemoryBus::new().dedup_window(config.publish_dedup_window);
+            if config.recovery_enabled {
+                bus = bus.recovery(RecoverySettings {
+                    buffer_size: config.recovery_buffer_size,
+                    ttl: config.recovery_ttl,
+                    max_replay: config.recovery_max_replay,
+                    memory_budget: config.recovery_memory,
+                });
+            }
+            Arc::new(bus)
+        });
         let limits = Limits {
             max_message_size: config.max_message_size,
             max_inflated_size: config.max_message_size,
             ..Limits::default()
         };
+        let (hooks, resilience) =
+            resilience::Resilience::wrap(&config, self.handler, self.snapshots, self.dead_letters);
+        let presence = config.presence_enabled.then(|| {
+            let settings = PresenceSettings { max_members: config.presence_max_members };
+            Arc::new(Presence::new(Arc::clone(&bus), settings))
+        });
         let context = Arc::new(DispatchContext {
+            presence: presence.clone(),
             bus: Arc::clone(&bus),
-            handler: self.handler,
-            snapshots: self.snapshots,
+            handler: hooks.handler,
+            snapshots: hooks.snapshots,
             settings: ProtocolSettings {
                 ping_interval: config.ping_interval,
                 max_message_size: config.max_message_size,
                 max_subscriptions: config.max_subscriptions_per_connection,
+                jwt: handshake.jwt_mode(),
+                outbound_rate: (config.outbound_rate_capacity.into(), config.outbound_rate_refill.into()),
+                inbound_rate: (config.inbound_rate_capacity.into(), config.inbound_rate_refill.into()),
+                recovery: config.recovery_enabled,
+                snapshot_on_subscribe: config.snapshot_on_subscribe,
+                outbound_queue: (config.outbound_queue_bytes, config.outbound_queue_messages),
                 ..ProtocolSettings::default()
             },
         });
+        let security = security::MessageSecurity::from_config(&config);
         let stacks = self.stacks.unwrap_or_else(|| {
             Arc::new(StandardStacks {
                 limits,
                 compression: (config.compression_threshold, config.compression_level),
                 inbound_layers: self.inbound_layers,
                 outbound_layers: self.outbound_layers,
+                security: security.clone(),
+                rate_limits: rate_limits::RateLimits::from_config(&config),
             })
         });
         let registry = Registry::new(config.max_connections);
@@ -297,11 +393,27 @@ impl EngineBuilder {
                 websocket,
                 queue_bytes: config.outbound_queue_bytes,
                 queue_messages: config.outbound_queue_messages,
+                critical_grace: config.critical_grace,
                 delivery_capacity: config.outbound_queue_messages.min(1024),
             },
             shutdown: shutdown_rx,
         });
-        Ok(Engine { inner: Arc::new(Inner { config, bus, registry, connector, shutdown, started: Instant::now() }) })
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                bus,
+                registry,
+                connector,
+                shutdown,
+                started: Instant::now(),
+                handshake,
+                resilience,
+                security,
+                presence,
+                #[cfg(feature = "tls")]
+                tls,
+            }),
+        })
     }
 }
 
@@ -311,6 +423,8 @@ struct StandardStacks {
     compression: (usize, u32),
     inbound_layers: Vec<InboundLayer>,
     outbound_layers: Vec<OutboundLayer>,
+    security: security::MessageSecurity,
+    rate_limits: rate_limits::RateLimits,
 }
 
 impl StackBuilder for StandardStacks {
@@ -322,7 +436,10 @@ impl StackBuilder for StandardStacks {
         BoxService::new(
             ServiceBuilder::new()
                 .layer(ErrorToFrameLayer::new())
+                .option_layer(self.rate_limits.inbound(connection))
+                .option_layer(self.security.decrypt(connection, &self.limits))
                 .layer(DecodeLayer::new(self.limits.clone(), connection.format()))
+                .option_layer(self.security.verify(connection))
                 .service(service),
         )
     }
@@ -332,7 +449,14 @@ impl StackBuilder for StandardStacks {
         let encode = EncodeLayer::new(connection.format())
             .compression(threshold, level)
             .compression_switch(connection.compression_switch());
-        let mut service = BoxService::new(encode.layer(queue));
+        let mut service = BoxService::new(
+            ServiceBuilder::new()
+                .option_layer(self.rate_limits.outbound(connection))
+                .option_layer(self.security.sign())
+                .layer(encode)
+                .option_layer(self.security.encrypt(connection))
+                .service(queue),
+        );
         for layer in self.outbound_layers.iter().rev() {
             service = layer.layer(service);
         }
@@ -356,6 +480,15 @@ pub struct ConnectionInfo {
     pub subscriptions: Vec<String>,
     /// Messages dropped because the connection could not keep up.
     pub dropped: u64,
+    /// Bytes waiting in the connection's outbound queue.
+    pub queued_bytes: usize,
+    /// Messages waiting in the connection's outbound queue.
+    pub queued_messages: usize,
+    /// Inbound frames (and batch elements) dropped by the inbound rate limit.
+    pub rate_limited_inbound: u64,
+    /// Application events to this connection dropped by the outbound event rate limit
+    /// ([`Engine::send`] counted them as taken; the limit applies later, per connection).
+    pub rate_limited_outbound: u64,
 }
 
 /// Engine health, as `GET /health` reports it.
@@ -371,6 +504,8 @@ pub struct Health {
     pub uptime_seconds: f64,
     /// The engine's version.
     pub version: &'static str,
+    /// Every circuit breaker by name (`handler`, `snapshot`, `publish`); empty when they are off.
+    pub circuit_breakers: std::collections::BTreeMap<String, BreakerHealth>,
 }
 
 impl Engine {
@@ -384,6 +519,9 @@ impl Engine {
             inbound_layers: Vec::new(),
             outbound_layers: Vec::new(),
             stacks: None,
+            #[cfg(feature = "auth")]
+            auth_hook: None,
+            dead_letters: None,
         }
     }
 
@@ -393,22 +531,35 @@ impl Engine {
     }
 
     /// Publishes to every subscriber of `topic`; the report says how many local subscribers
-    /// it reached.
+    /// it reached. A publication the bus fails to take ([`SendError::Bus`], or
+    /// [`SendError::CircuitOpen`] while the publish circuit breaker is open) is also recorded
+    /// in the dead-letter queue ([`Engine::dead_letters`]); invalid ones are only refused.
     pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<PublishReport, SendError> {
         if !validate_topic(topic) {
             return Err(SendError::InvalidTopic);
         }
         check_type(&envelope)?;
-        let publication = Publication::new(topic, envelope);
+        let publication = self.inner.security.sign_publication(Publication::new(topic, envelope));
         let size = publication.json_len();
         if size > wsengine_core::limits::MAX_OUTBOUND_MESSAGE_SIZE {
             return Err(SendError::TooLarge(size));
         }
-        self.inner.bus.publish(publication).await.map_err(|e| SendError::Bus(e.into()))
+        // The JSON is memoized by the size check: keeping it costs a reference count.
+        let json = publication.json().clone();
+        let result = self.publish_to_bus(publication).await;
+        if let Err(error) = &result {
+            self.dead_letter_publication(topic, json.as_str(), error).await;
+        }
+        result
     }
 
     /// Sends a per-connection event to one connection or to every connection of a user;
     /// returns how many connections took it.
+    ///
+    /// "Took it" means queued for the connection's driver. The outbound event rate limit
+    /// (PROTOCOL.md §11.1, `outbound_rate_capacity` / `outbound_rate_refill`) applies later,
+    /// per connection: an event over the limit is dropped there, logged, counted in
+    /// [`ConnectionInfo::rate_limited_outbound`], and the client gets `RATE_LIMITED`.
     pub fn send(&self, target: &Target, envelope: Envelope) -> Result<usize, SendError> {
         check_type(&envelope)?;
         // Refused here rather than dropped later by the encode layer, so the caller learns it.
@@ -426,7 +577,7 @@ impl Engine {
     /// Sends to every registered connection; returns how many took it.
     pub fn broadcast(&self, envelope: Envelope) -> Result<usize, SendError> {
         check_type(&envelope)?;
-        let publication = Publication::broadcast(envelope);
+        let publication = self.inner.security.sign_publication(Publication::broadcast(envelope));
         let size = publication.json_len();
         if size > wsengine_core::limits::MAX_OUTBOUND_MESSAGE_SIZE {
             return Err(SendError::TooLarge(size));
@@ -444,7 +595,86 @@ impl Engine {
         let connection = self.inner.registry.get(id)?;
         let mut subscriptions: Vec<String> = connection.with_subscriptions(|s| s.iter().cloned().collect());
         subscriptions.sort();
-        Some(ConnectionInfo { user_id: connection.user_id().to_owned(), subscriptions, dropped: connection.dropped() })
+        let queue = connection.shared::<wsengine_services::queue::QueueGauge>();
+        let (rate_limited_inbound, rate_limited_outbound) = rate_limits::RateLimits::drops(&connection);
+        Some(ConnectionInfo {
+            user_id: connection.user_id().to_owned(),
+            subscriptions,
+            dropped: connection.dropped(),
+            queued_bytes: queue.bytes(),
+            queued_messages: queue.messages(),
+            rate_limited_inbound,
+            rate_limited_outbound,
+        })
+    }
+
+    /// Subscribes a connection to a topic or pattern on the application's behalf, with an
+    /// optional payload filter ([`Filter::intern`](wsengine_services::filter::Filter::intern)
+    /// shares equal filters); subscribing again replaces the filter. No ACL or subscription
+    /// limit applies. The connection is tracked for presence when it has data from
+    /// [`Engine::set_presence`]. Returns `Ok(false)` when there is no such connection.
+    pub fn subscribe(
+        &self,
+        id: ConnectionId,
+        topic: &str,
+        filter: Option<Arc<wsengine_services::filter::Filter>>,
+    ) -> Result<bool, SendError> {
+        if !validate_topic(topic) {
+            return Err(SendError::InvalidTopic);
+        }
+        let Some(connection) = self.inner.registry.get(id) else { return Ok(false) };
+        let bus = &self.inner.bus;
+        if !bus.set_filter(id, topic, filter) {
+            return Err(SendError::Bus("this bus does not support filters".into()));
+        }
+        if connection.with_subscriptions(|s| s.insert(topic.to_owned())) {
+            bus.subscribe(&connection, topic);
+        }
+        if let Some(presence) = &self.inner.presence {
+            presence.track(topic, &connection, None);
+        }
+        Ok(true)
+    }
+
+    /// Removes a subscription of a connection (releasing its presence there); returns
+    /// whether it was subscribed.
+    pub fn unsubscribe(&self, id: ConnectionId, topic: &str) -> bool {
+        let Some(connection) = self.inner.registry.get(id) else { return false };
+        if !connection.with_subscriptions(|s| s.remove(topic)) {
+            return false;
+        }
+        self.inner.bus.unsubscribe(id, topic);
+        if let Some(presence) = &self.inner.presence {
+            presence.untrack(topic, id);
+        }
+        true
+    }
+
+    /// The presence members of `topic` with their data, sorted by user id (PROTOCOL.md
+    /// §6.3.6); empty when presence is disabled.
+    pub fn presence(&self, topic: &str) -> Vec<PresenceMember> {
+        self.inner.presence.as_ref().map(|p| p.members(topic)).unwrap_or_default()
+    }
+
+    /// Member and connection counts of `topic`'s presence; zero when presence is disabled.
+    pub fn presence_stats(&self, topic: &str) -> PresenceStats {
+        self.inner.presence.as_ref().map(|p| p.stats(topic)).unwrap_or_default()
+    }
+
+    /// Assigns presence data (a JSON object of at most 4096 bytes) to a connection: it is
+    /// tracked with it on every topic it subscribed to (exact topics; `presence_join` or
+    /// `presence_update` go out), and on later subscriptions that carry no `p.presence`.
+    pub fn set_presence(&self, id: ConnectionId, data: &serde_json::Value) -> Result<(), PresenceError> {
+        let presence = self.inner.presence.as_ref().ok_or(PresenceError::Disabled)?;
+        let connection = self.inner.registry.get(id).ok_or(PresenceError::UnknownConnection)?;
+        let mut topics: Vec<String> = connection.with_subscriptions(|s| s.iter().cloned().collect());
+        topics.sort();
+        presence.assign(&connection, data, &topics)?;
+        // The connection may have closed meanwhile, after its driver released its presence.
+        if self.inner.registry.get(id).is_none() {
+            presence.release(id);
+        }
+        Ok(())
     }
 
     /// Registered connections.
@@ -460,12 +690,28 @@ impl Engine {
             subscriptions: self.inner.bus.subscription_count(),
             uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
             version: env!("CARGO_PKG_VERSION"),
+            circuit_breakers: self.breaker_health(),
         }
     }
 
-    /// The WebSocket upgrade service, for mounting in another hyper or axum application.
+    /// The bare WebSocket upgrade service, for mounting in another hyper or axum application
+    /// under handshake layers of your own. It does not run the configured admission and
+    /// authentication checks; [`Engine::handshake_service`] does.
     pub fn websocket_service(&self) -> WebSocketService {
         WebSocketService::new(Arc::clone(&self.inner.connector))
+    }
+
+    /// The configured handshake stack around the upgrade service: admission control (Origin
+    /// allow-list, per-IP connect rate) → authentication (JWT or the custom hook) → upgrade.
+    /// Mount this in another hyper or axum application to keep the configured checks; put the
+    /// peer's `SocketAddr` into the request extensions for the per-IP rate and the hook.
+    pub fn handshake_service(&self) -> crate::http::HandshakeService {
+        crate::http::HandshakeService::new(self.inner.handshake.clone(), self.websocket_service())
+    }
+
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.inner.tls.clone()
     }
 
     /// The whole HTTP surface (WebSocket upgrades, `/api/*`, `/health`) as one service.

@@ -6,10 +6,23 @@
 //! | `POST /api/publish` `{"topic", "t", "p", "id"?, "pri"?, "cid"?}` | publishes; answers `{"delivered": n, "id": …}` |
 //! | `POST /api/send` `{"connection_id" or "user_id", "t", "p", …}` | direct send; answers `{"delivered": n}` |
 //! | `POST /api/broadcast` `{"t", "p", …}` | sends to every connection; answers `{"delivered": n}` |
-//! | `GET /health` | `{"status", "connections", "subscriptions", "uptime_seconds", "version"}` |
+//! | `GET /api/dlq?topic=&kind=&limit=&cursor=` | dead letters, oldest first: `{"entries": […], "next_cursor": …}` |
+//! | `POST /api/dlq/replay` `{"topic"?, "ids"?, "kind"?}` | replays dead letters; answers `{"replayed": n, "failed": n}` |
+//! | `GET /api/presence/{topic}` (topic percent-encoded) | presence of a topic: `{"topic", "enabled", "stats": {"members", "connections"}, "members": [{"user_id", "data", "connections"}]}` |
+//! | `GET /health` | `{"status", "connections", "subscriptions", "uptime_seconds", "version", "circuit_breakers"}` |
 //!
 //! With `api_key` configured, `/api/*` needs `Authorization: Bearer <api_key>` (401
-//! otherwise). Bad bodies get 400 with `{"error": "…"}`.
+//! otherwise). Bad bodies get 400 with `{"error": "…"}`; a publish the bus did not take (bus
+//! error, or the publish circuit breaker open) gets 503 and is kept in the dead-letter queue.
+//!
+//! Upgrades pass the handshake stack first ([`HandshakeService`]): admission control (Origin
+//! allow-list → 403, per-IP connect rate → 429) → authentication (JWT or a custom hook; a
+//! failure is answered after the upgrade with `AUTH_*` + close 4401) → the upgrade service
+//! (connection limit → 503). The standalone accept loop ([`Engine::serve`]) adds what only
+//! it can see: the peer address (inserted into every request's extensions as a
+//! `std::net::SocketAddr`), the pending-handshake cap (503 `Retry-After: 1`, or a plain close
+//! on TLS listeners), the handshake timeout from TCP accept (TLS handshake and request head),
+//! the request head size limit (431), and TLS when `tls_cert` / `tls_key` are set.
 //!
 //! ```no_run
 //! # async fn example(engine: wsengine::Engine) {
@@ -20,13 +33,17 @@
 //! ```
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Body;
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
@@ -39,19 +56,183 @@ use wsengine_services::driver::Shutdown;
 use wsengine_services::message::BoxError;
 use wsengine_services::websocket::WebSocketService;
 
-use crate::engine::{Engine, Target};
+use crate::config::ConfigError;
+use crate::engine::{Engine, SendError, Target};
+
+mod dlq;
+use crate::Config;
 
 /// The engine's HTTP service.
 #[derive(Debug, Clone)]
 pub struct HttpService {
     engine: Engine,
-    websocket: WebSocketService,
+    websocket: HandshakeService,
 }
 
 impl HttpService {
     pub(crate) fn new(engine: Engine) -> Self {
-        let websocket = engine.websocket_service();
+        let websocket = engine.handshake_service();
         HttpService { engine, websocket }
+    }
+}
+
+/// The handshake-tier layers built from the configuration (each absent when not configured).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HandshakeLayers {
+    #[cfg(feature = "admission")]
+    admission: Option<wsengine_layers::admission::AdmissionLayer>,
+    #[cfg(feature = "auth")]
+    auth: Option<wsengine_layers::auth::AuthLayer>,
+    jwt: bool,
+}
+
+/// A PEM key from the configuration: the PEM text itself, or a path to a PEM file.
+#[cfg(feature = "auth")]
+fn pem_bytes(key: &str, value: &str) -> Result<Vec<u8>, ConfigError> {
+    if value.trim_start().starts_with("-----BEGIN") {
+        return Ok(value.as_bytes().to_vec());
+    }
+    std::fs::read(value).map_err(|e| ConfigError::new(key, format!("cannot read PEM file {value:?}: {e}")))
+}
+
+impl HandshakeLayers {
+    /// Whether built-in JWT authentication is on (`server_ready.features.rust_jwt`).
+    pub(crate) fn jwt_mode(&self) -> bool {
+        self.jwt
+    }
+
+    #[cfg(feature = "auth")]
+    pub(crate) fn from_config(
+        config: &Config,
+        hook: Option<std::sync::Arc<dyn wsengine_layers::auth::AuthHook>>,
+    ) -> Result<Self, ConfigError> {
+        use wsengine_layers::auth::{AuthLayer, JwtAlgorithm, JwtVerifier};
+        let mut layers = HandshakeLayers { auth: None, jwt: false, ..Self::admission_from_config(config)? };
+        let key_name = if config.jwt_secret.is_some() { "jwt_secret" } else { "jwt_public_key" };
+        let auth = match hook {
+            Some(_) if config.jwt_enabled() => {
+                return Err(ConfigError::new(
+                    key_name,
+                    "a custom auth hook is installed; use either the hook or JWT authentication",
+                ));
+            }
+            Some(hook) => Some(AuthLayer::custom(hook)),
+            None if config.jwt_enabled() => {
+                let algorithm = JwtAlgorithm::parse(&config.jwt_algorithm)
+                    .ok_or_else(|| ConfigError::new("jwt_algorithm", "must be HS256, RS256 or ES256"))?;
+                let (current, previous) = match (&config.jwt_secret, &config.jwt_public_key) {
+                    (Some(secret), _) => {
+                        (secret.as_bytes().to_vec(), config.jwt_previous_secret.as_ref().map(|s| s.as_bytes().to_vec()))
+                    }
+                    (None, Some(pem)) => (
+                        pem_bytes("jwt_public_key", pem)?,
+                        config
+                            .jwt_previous_public_key
+                            .as_ref()
+                            .map(|pem| pem_bytes("jwt_previous_public_key", pem))
+                            .transpose()?,
+                    ),
+                    (None, None) => unreachable!("jwt_enabled"),
+                };
+                let mut verifier = JwtVerifier::new(algorithm, &current)
+                    .map_err(|e| ConfigError::new(key_name, e.to_string()))?
+                    .leeway(config.jwt_leeway);
+                if let Some(previous) = previous {
+                    let previous_name =
+                        if config.jwt_secret.is_some() { "jwt_previous_secret" } else { "jwt_previous_public_key" };
+                    verifier =
+                        verifier.previous_key(&previous).map_err(|e| ConfigError::new(previous_name, e.to_string()))?;
+                }
+                if !config.jwt_issuer.is_empty() {
+                    verifier = verifier.issuer(&config.jwt_issuer);
+                }
+                if !config.jwt_audience.is_empty() {
+                    verifier = verifier.audience(&config.jwt_audience);
+                }
+                if !config.jwt_key_id.is_empty() {
+                    verifier = verifier.key_id(&config.jwt_key_id);
+                }
+                layers.jwt = true;
+                Some(
+                    AuthLayer::jwt(verifier)
+                        .cookie_name(config.jwt_cookie.clone())
+                        .allow_anonymous(config.anonymous_allowed()),
+                )
+            }
+            None if config.anonymous_allowed() => None,
+            None => Some(AuthLayer::refuse_all()),
+        };
+        layers.auth = auth.map(|layer| layer.reject_before_upgrade(config.reject_before_upgrade));
+        Ok(layers)
+    }
+
+    #[cfg(not(feature = "auth"))]
+    pub(crate) fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        if config.jwt_enabled() || !config.anonymous_allowed() {
+            let key = if config.jwt_enabled() { "jwt_secret" } else { "allow_anonymous" };
+            return Err(ConfigError::new(key, "this build of wsengine has no `auth` feature"));
+        }
+        Self::admission_from_config(config)
+    }
+
+    fn admission_from_config(config: &Config) -> Result<Self, ConfigError> {
+        #[cfg(feature = "admission")]
+        {
+            use std::num::NonZeroU32;
+            let mut layer = None;
+            if !config.allowed_origins.is_empty() {
+                layer =
+                    Some(wsengine_layers::admission::AdmissionLayer::new().allowed_origins(&config.allowed_origins));
+            }
+            if let (Some(rate), Some(burst)) =
+                (NonZeroU32::new(config.connect_rate_per_ip), NonZeroU32::new(config.connect_burst_per_ip))
+            {
+                layer = Some(layer.unwrap_or_default().connect_rate(rate, burst));
+            }
+            Ok(HandshakeLayers { admission: layer, ..HandshakeLayers::default() })
+        }
+        #[cfg(not(feature = "admission"))]
+        {
+            if !config.allowed_origins.is_empty() || config.connect_rate_per_ip > 0 {
+                let key = if config.connect_rate_per_ip > 0 { "connect_rate_per_ip" } else { "allowed_origins" };
+                return Err(ConfigError::new(key, "this build of wsengine has no `admission` feature"));
+            }
+            Ok(HandshakeLayers::default())
+        }
+    }
+}
+
+/// The configured handshake stack around the upgrade service; see [`Engine::handshake_service`].
+#[derive(Debug, Clone)]
+pub struct HandshakeService {
+    #[cfg_attr(not(any(feature = "auth", feature = "admission")), allow(dead_code))]
+    layers: HandshakeLayers,
+    websocket: WebSocketService,
+}
+
+impl HandshakeService {
+    pub(crate) fn new(layers: HandshakeLayers, websocket: WebSocketService) -> Self {
+        HandshakeService { layers, websocket }
+    }
+}
+
+impl<B: Send + 'static> Service<Request<B>> for HandshakeService {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<HttpResponse, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // Outermost last: admission → auth → upgrade.
+        let service = self.websocket.clone();
+        #[cfg(feature = "auth")]
+        let service = tower::ServiceBuilder::new().option_layer(self.layers.auth.clone()).service(service);
+        #[cfg(feature = "admission")]
+        let service = tower::ServiceBuilder::new().option_layer(self.layers.admission.clone()).service(service);
+        Box::pin(tower::ServiceExt::oneshot(service, request))
     }
 }
 
@@ -111,9 +292,46 @@ where
             };
             match api(&engine, &path, &body).await {
                 Ok(answer) => json_response(StatusCode::OK, &answer),
-                Err(message) => error(StatusCode::BAD_REQUEST, message),
+                Err(ApiError(status, message)) => error(status, message),
             }
         }
+        (&Method::GET, "/api/dlq") => {
+            if !authorized(&engine, &request) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+            }
+            dlq::list(&engine, request.uri().query()).await
+        }
+        (&Method::POST, "/api/dlq/replay") => {
+            if !authorized(&engine, &request) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+            }
+            let limit = engine.config().max_message_size;
+            match Limited::new(request.into_body(), limit).collect().await {
+                Ok(collected) => dlq::replay(&engine, &collected.to_bytes()).await,
+                Err(_) => error(StatusCode::PAYLOAD_TOO_LARGE, format!("body must be at most {limit} bytes")),
+            }
+        }
+        (&Method::GET, presence) if presence.starts_with("/api/presence/") => {
+            if !authorized(&engine, &request) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+            }
+            match dlq::percent_decode(&presence["/api/presence/".len()..]) {
+                Some(topic) if wsengine_core::topic::validate_topic(&topic) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "topic": topic,
+                        "enabled": engine.config().presence_enabled,
+                        "stats": engine.presence_stats(&topic),
+                        "members": engine.presence(&topic),
+                    }),
+                ),
+                _ => error(StatusCode::BAD_REQUEST, "invalid topic"),
+            }
+        }
+        (_, presence) if presence.starts_with("/api/presence/") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        (_, "/api/dlq" | "/api/dlq/replay") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         (_, "/health" | "/api/publish" | "/api/send" | "/api/broadcast") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -168,7 +386,34 @@ impl ApiMessage {
     }
 }
 
-async fn api(engine: &Engine, path: &str, body: &[u8]) -> Result<Value, String> {
+/// Why an API request failed: the status and the message for `{"error": …}`. Plain messages
+/// are the caller's mistakes (400).
+struct ApiError(StatusCode, String);
+
+impl From<String> for ApiError {
+    fn from(message: String) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<&str> for ApiError {
+    fn from(message: &str) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, message.to_owned())
+    }
+}
+
+impl From<SendError> for ApiError {
+    /// The bus failing (or its circuit breaker being open) is the server's problem: 503.
+    fn from(error: SendError) -> Self {
+        let status = match error {
+            SendError::Bus(_) | SendError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, error.to_string())
+    }
+}
+
+async fn api(engine: &Engine, path: &str, body: &[u8]) -> Result<Value, ApiError> {
     let mut message: ApiMessage = serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
     if message.p.as_ref().is_some_and(|p| !p.is_object()) {
         return Err("p must be a JSON object".into());
@@ -177,7 +422,7 @@ async fn api(engine: &Engine, path: &str, body: &[u8]) -> Result<Value, String> 
     match path {
         "/api/publish" => {
             let topic = message.topic.ok_or("publish needs a topic")?;
-            let report = engine.publish(&topic, envelope).await.map_err(|e| e.to_string())?;
+            let report = engine.publish(&topic, envelope).await?;
             let id = report.publication.envelope().and_then(|e| e.id.clone());
             Ok(json!({ "delivered": report.delivered, "dropped": report.dropped, "id": id }))
         }
@@ -197,6 +442,62 @@ async fn api(engine: &Engine, path: &str, body: &[u8]) -> Result<Value, String> 
     }
 }
 
+/// A place among the connections whose HTTP request has not been answered yet; dropping it
+/// frees the place.
+struct PendingSlot(Arc<AtomicUsize>);
+
+impl PendingSlot {
+    fn take(pending: &Arc<AtomicUsize>, max: usize) -> Option<PendingSlot> {
+        pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| PendingSlot(Arc::clone(pending)))
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers 503 without reading the request (plain TCP), or just closes (TLS: a plaintext
+/// answer would be garbage to a TLS client).
+async fn refuse_busy(mut stream: tokio::net::TcpStream, tls: bool) {
+    use tokio::io::AsyncWriteExt;
+    if !tls {
+        let answer =
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    }
+}
+
+/// Serves HTTP/1.1 on one accepted connection until it upgrades or closes. The request head
+/// must arrive within `head_timeout` and fit `max_header_size`; `slot` is held until then.
+async fn serve_connection<I>(io: I, peer: SocketAddr, engine: &Engine, head_timeout: Duration, slot: PendingSlot)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = engine.http_service();
+    // Admission and the custom auth hook key on the peer address.
+    let service =
+        TowerToHyperService::new(tower::util::MapRequest::new(http, move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(peer);
+            request
+        }));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(engine.config().max_header_size)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+    }
+    drop(slot);
+}
+
 pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Result<()> {
     let mut shutdown = engine.shutdown_signal();
     // Checks the current state first, so a shutdown before this task ran is not missed.
@@ -204,12 +505,17 @@ pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Res
         let _ = shutdown.wait_for(|state| matches!(state, Shutdown::Closing(..))).await.is_ok();
     };
     tokio::pin!(closing);
-    let handshake_timeout = engine.config().handshake_timeout;
+    let pending = Arc::new(AtomicUsize::new(0));
+    let max_pending = engine.config().max_pending_handshakes;
+    #[cfg(feature = "tls")]
+    let tls = engine.tls_acceptor();
+    #[cfg(not(feature = "tls"))]
+    let tls: Option<std::convert::Infallible> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _peer)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         // Usually out of file descriptors: back off instead of spinning.
                         tracing::warn!(%error, "accept failed");
@@ -218,16 +524,30 @@ pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Res
                     }
                 };
                 stream.set_nodelay(true).ok();
-                let service = TowerToHyperService::new(engine.http_service());
+                let Some(slot) = PendingSlot::take(&pending, max_pending) else {
+                    tracing::debug!(%peer, "connection refused: too many pending handshakes");
+                    tokio::spawn(refuse_busy(stream, tls.is_some()));
+                    continue;
+                };
+                let engine = engine.clone();
+                #[cfg(feature = "tls")]
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(handshake_timeout)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades();
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "HTTP connection ended with an error");
+                    let timeout = engine.config().handshake_timeout;
+                    #[cfg(feature = "tls")]
+                    if let Some(acceptor) = tls {
+                        let accepted_at = tokio::time::Instant::now();
+                        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let left = timeout.saturating_sub(accepted_at.elapsed()).max(Duration::from_millis(1));
+                                serve_connection(stream, peer, &engine, left, slot).await;
+                            }
+                            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                        return;
                     }
+                    serve_connection(stream, peer, &engine, timeout, slot).await;
                 });
             }
             () = &mut closing => break,

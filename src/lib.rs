@@ -21,6 +21,8 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use config::Config;
 pub use engine::{Engine, EngineBuilder, Refused, SendError, Target};
@@ -29,7 +31,9 @@ pub use wsengine_core::codes::CloseCode;
 pub use wsengine_core::{Envelope, WireFormat};
 pub use wsengine_layers as layers;
 pub use wsengine_services as services;
-pub use wsengine_services::handler::{AppBody, AppMessage, Handler, SnapshotProvider, handler_fn};
+pub use wsengine_services::filter::{Filter, FilterError};
+pub use wsengine_services::handler::{AppBody, AppMessage, Handler, SignatureStatus, SnapshotProvider, handler_fn};
+pub use wsengine_services::presence::{PresenceError, PresenceMember, PresenceStats};
 pub use wsengine_services::websocket::Admission;
 
 /// The README's Rust examples, compiled as doctests so they stay true.

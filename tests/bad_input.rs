@@ -195,8 +195,10 @@ async fn unknown_binary_and_keyless_encrypted_frames() {
     let server = start(|_| {}).await;
     let mut neighbor = Neighbor::new(&server).await;
     let mut raw = attacker(&server, "/wse").await;
-    // E: without a key exchange is dropped and counted (PROTOCOL.md §7.4): no answer at all.
+    // E: without a key exchange is dropped and counted (PROTOCOL.md §7.4); the decrypt layer
+    // tells the client why (INVALID_REQUEST, at most once a second) and keeps it open.
     raw.send_frame(BINARY, &[b'E', b':', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9]).await;
+    expect_error(&mut raw, "INVALID_REQUEST").await;
     expect_open(&mut raw).await;
     raw.send_frame(BINARY, &[0x00, 0xff, 0x10]).await;
     expect_error(&mut raw, "INVALID_REQUEST").await;

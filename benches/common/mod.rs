@@ -128,6 +128,108 @@ pub(crate) fn settled_memory(pid: Option<u32>, limit: Duration) -> Memory {
     }
 }
 
+/// Machine-wide CPU time counters (the `cpu` line of `/proc/stat`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    total: u64,
+    idle: u64,
+    /// user + nice + system + steal: process time, without interrupt and softirq time (on
+    /// loopback the softirq time is mostly the benchmark's own TCP traffic, which the kernel
+    /// does not charge to any process).
+    process: u64,
+}
+
+/// Reads the machine-wide CPU counters.
+pub(crate) fn cpu_sample() -> CpuSample {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let values: Vec<u64> =
+        text.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let field = |i: usize| values.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal guest guest_nice (guest time is already in user)
+    CpuSample {
+        total: values.iter().take(8).sum(),
+        idle: field(3) + field(4),
+        process: field(0) + field(1) + field(2) + field(7),
+    }
+}
+
+impl CpuSample {
+    /// Busy share of all CPUs between `earlier` and this sample.
+    pub(crate) fn busy_since(&self, earlier: &CpuSample) -> f64 {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        1.0 - self.idle.saturating_sub(earlier.idle) as f64 / total
+    }
+
+    /// How many CPUs ran processes on average between `earlier` and this sample (interrupt and
+    /// softirq time left out).
+    pub(crate) fn busy_cpus_since(&self, earlier: &CpuSample) -> f64 {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        self.process.saturating_sub(earlier.process) as f64 / total * online_cpus() as f64
+    }
+}
+
+/// CPUs of the machine (the `cpuN` lines of `/proc/stat`; not this process's affinity).
+pub(crate) fn online_cpus() -> usize {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count().max(1)
+}
+
+/// Busy share of all CPUs over `window`.
+pub(crate) fn machine_busy(window: Duration) -> f64 {
+    let before = cpu_sample();
+    std::thread::sleep(window);
+    cpu_sample().busy_since(&before)
+}
+
+/// Flags CPU use by other processes during a run: `foreign` is in CPUs.
+pub(crate) fn warn_foreign(foreign: f64) -> String {
+    if foreign > 0.15 {
+        println!("WARNING: other processes used {foreign:.2} CPUs during a run; its figures are skewed");
+    }
+    format!("{foreign:.2}")
+}
+
+/// Prints how busy the machine was just before the benchmark (other work skews results).
+/// With `WSENGINE_BENCH_WAIT_QUIET=SECS` it first waits up to SECS seconds for the CPUs to be
+/// at most 5 % busy.
+pub(crate) fn report_machine_load() {
+    let wait: f64 = env_or("WSENGINE_BENCH_WAIT_QUIET", 0.0);
+    let deadline = Instant::now() + Duration::from_secs_f64(wait);
+    let mut busy = machine_busy(Duration::from_secs(1));
+    while busy > 0.05 && Instant::now() < deadline {
+        busy = machine_busy(Duration::from_secs(1));
+    }
+    println!("machine load before the run: {:.0} % of all CPUs busy", busy * 100.0);
+    println!("engine configuration overrides from the environment: {}", engine_overrides());
+    if busy > 0.05 {
+        println!("WARNING: other processes are using the CPUs; the figures below are not representative");
+    }
+}
+
+/// The `WSENGINE_*` configuration variables in this environment (they configure the engine
+/// under test: the harnesses pass them on and print them).
+pub(crate) fn engine_overrides() -> String {
+    let mut vars: Vec<String> = std::env::vars()
+        .filter(|(name, _)| name.starts_with("WSENGINE_") && !name.starts_with("WSENGINE_BENCH_"))
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    vars.sort();
+    if vars.is_empty() { "none".to_owned() } else { vars.join(" ") }
+}
+
+/// Memory of all TCP socket buffers of the machine, in MiB (`TCP: … mem PAGES` of
+/// `/proc/net/sockstat`).
+pub(crate) fn kernel_tcp_mib() -> f64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages = text
+        .lines()
+        .find(|line| line.starts_with("TCP:"))
+        .and_then(|line| line.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|pages| pages.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
 /// CPU seconds (user + system) of a process or of one thread (`/proc/PID/task/TID/stat`).
 pub(crate) fn cpu_seconds(stat_path: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(stat_path) else { return 0.0 };
@@ -259,12 +361,13 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts `command` and waits (up to 30 s) for its address line.
-    pub(crate) fn start(mut command: Command, what: &str) -> Server {
+    /// Starts `command` and waits (up to 30 s) for its address line. With `quiet` its stderr
+    /// is discarded (the bare echo reports every connection the load generator drops).
+    pub(crate) fn start(mut command: Command, what: &str, quiet: bool) -> Server {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");

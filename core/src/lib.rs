@@ -19,6 +19,7 @@
 //! }
 //! ```
 
+pub mod canonical;
 pub mod category;
 pub mod codes;
 pub mod envelope;

@@ -30,7 +30,9 @@ use futures_util::future::BoxFuture;
 use wsengine_core::topic::{glob_match, is_pattern};
 
 use crate::connection::{Connection, ConnectionId, Delivery};
+use crate::filter::{Filter, Verdicts};
 use crate::publication::Publication;
+use crate::recovery::{PublishDedup, RecoveryOutcome, RecoverySettings, ReplayLimit, Requested, TopicHistory};
 
 /// What a publish did.
 #[derive(Debug, Clone)]
@@ -64,6 +66,39 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Subscribes a connection to an exact topic or a pattern (`*`, `?`).
     fn subscribe(&self, connection: &Arc<Connection>, topic: &str);
 
+    /// Subscribes like [`Bus::subscribe`] and evaluates a recovery request for the topic
+    /// (PROTOCOL.md §9.4) atomically with the topic's publications: publications stamped after
+    /// the returned head reach the subscription live, the replay holds exactly the missed ones.
+    /// A bus without recovery (the default) reports no buffer.
+    fn subscribe_recovering(
+        &self,
+        connection: &Arc<Connection>,
+        topic: &str,
+        requested: Requested,
+        limit: ReplayLimit,
+    ) -> RecoveryOutcome {
+        let _ = (requested, limit);
+        self.subscribe(connection, topic);
+        RecoveryOutcome::no_buffer()
+    }
+
+    /// Sets (or with `None` clears) the payload filter of a connection's subscription to
+    /// `topic` (an exact topic or a pattern), before or after subscribing; unsubscribing
+    /// clears it. Returns whether the bus applied it: the default implementation filters
+    /// nothing, so it accepts only `None`.
+    fn set_filter(&self, connection: ConnectionId, topic: &str, filter: Option<Arc<Filter>>) -> bool {
+        let _ = (connection, topic);
+        filter.is_none()
+    }
+
+    /// Delivers a transient message (presence events) to the local subscribers of its topic:
+    /// never stamped, never stored for recovery, never filtered. Returns how many took it.
+    /// The default implementation delivers nothing.
+    fn publish_transient(&self, publication: Arc<Publication>) -> usize {
+        let _ = publication;
+        0
+    }
+
     /// Removes one subscription of a connection; unknown subscriptions are ignored.
     fn unsubscribe(&self, connection: ConnectionId, topic: &str);
 
@@ -72,9 +107,18 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The in-process bus.
+///
+/// With [`MemoryBus::recovery`] it stamps every topic publication (`tp`, `e`, `o`) once, at
+/// publish time, and keeps the topic's history for recovery; with [`MemoryBus::dedup_window`]
+/// a publication with a caller-supplied `id` published again to the same topic within the
+/// window is delivered once (the retry gets the first report, stamp included).
 #[derive(Debug, Default)]
 pub struct MemoryBus {
     topics: RwLock<Topics>,
+    /// Subscription (topic or pattern) → connection → its filter; only filtered subscriptions.
+    filters: RwLock<HashMap<String, HashMap<ConnectionId, Arc<Filter>>>>,
+    history: Option<TopicHistory>,
+    dedup: Option<PublishDedup>,
 }
 
 #[derive(Debug, Default)]
@@ -89,12 +133,56 @@ impl MemoryBus {
         Self::default()
     }
 
-    /// Delivers a shared publication to the local subscribers of its topic, each connection
-    /// at most once however many of its subscriptions match. Used by networked buses for the
-    /// local half of their fan-out.
+    /// Stamps and stores topic publications for recovery (PROTOCOL.md §9).
+    pub fn recovery(mut self, settings: RecoverySettings) -> Self {
+        self.history = Some(TopicHistory::new(settings));
+        self
+    }
+
+    /// Delivers a publication with a caller-supplied `id` once per topic within `window`;
+    /// a zero window turns this off.
+    pub fn dedup_window(mut self, window: std::time::Duration) -> Self {
+        self.dedup = (!window.is_zero()).then(|| PublishDedup::new(window, PublishDedup::DEFAULT_MAX_ENTRIES));
+        self
+    }
+
+    /// The topic history, when recovery is on.
+    pub fn history(&self) -> Option<&TopicHistory> {
+        self.history.as_ref()
+    }
+
+    /// Stamps (when recovery is on), stores and fans out.
+    fn publish_now(&self, publication: Publication) -> PublishReport {
+        let (publication, (delivered, dropped)) = match &self.history {
+            Some(history) => history.publish(publication, |p| self.fan_out(p)),
+            None => {
+                let publication = Arc::new(publication);
+                let counts = self.fan_out(&publication);
+                (publication, counts)
+            }
+        };
+        PublishReport { delivered, dropped, publication }
+    }
+
+    /// Delivers a shared publication to the local subscribers of its topic whose filter (if
+    /// any) accepts it, each connection at most once however many of its subscriptions match
+    /// (a connection gets it when any of them accepts it). Each distinct filter is evaluated
+    /// once per publication. Used by networked buses for the local half of their fan-out.
     pub fn fan_out(&self, publication: &Arc<Publication>) -> (usize, usize) {
+        self.deliver_local(publication, true)
+    }
+
+    fn deliver_local(&self, publication: &Arc<Publication>, filtered: bool) -> (usize, usize) {
         let Some(topic) = publication.topic() else { return (0, 0) };
         let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        let filters = self.filters.read().unwrap_or_else(|e| e.into_inner());
+        let mut verdicts = Verdicts::new(publication);
+        // Looked up once per subscription string, and only for filtered subscriptions.
+        let filters_of = |subscription: &str| if filtered { filters.get(subscription) } else { None };
+        let mut accepts = |by_connection: Option<&HashMap<ConnectionId, Arc<Filter>>>, connection: ConnectionId| {
+            by_connection.is_none_or(|f| verdicts.accepts(f.get(&connection)))
+        };
+        let exact_filters = filters_of(topic);
         let (mut delivered, mut dropped) = (0, 0);
         let mut send = |connection: &Connection| {
             if connection.deliver(Delivery::Publication(Arc::clone(publication))) {
@@ -104,14 +192,23 @@ impl MemoryBus {
             }
         };
         let exact = topics.exact.get(topic).map(Vec::as_slice).unwrap_or_default();
-        exact.iter().for_each(|c| send(c));
+        for connection in exact {
+            if accepts(exact_filters, connection.id()) {
+                send(connection);
+            }
+        }
         let mut matched: Option<HashSet<ConnectionId>> = None;
         for (pattern, connection) in &topics.patterns {
-            if !glob_match(pattern, topic) {
+            // A pattern subscription passed the ACL as a string; each concrete topic is checked
+            // again here (PROTOCOL.md §6.2.4 step 3).
+            if !glob_match(pattern, topic) || !connection.may_access(topic) {
                 continue;
             }
-            let seen = matched.get_or_insert_with(|| exact.iter().map(|c| c.id()).collect());
-            if seen.insert(connection.id()) {
+            // Verdicts are memoized, so asking again for the exact subscribers costs no evaluation.
+            let seen = matched
+                .get_or_insert_with(|| exact.iter().map(|c| c.id()).filter(|id| accepts(exact_filters, *id)).collect());
+            if !seen.contains(&connection.id()) && accepts(filters_of(pattern), connection.id()) {
+                seen.insert(connection.id());
                 send(connection);
             }
         }
@@ -121,12 +218,13 @@ impl MemoryBus {
 
 impl Bus for MemoryBus {
     fn publish(&self, publication: Publication) -> BoxFuture<'static, Result<PublishReport, BusError>> {
-        let result = if publication.topic().is_none() {
-            Err(BusError("a publication needs a topic".into()))
-        } else {
-            let publication = Arc::new(publication);
-            let (delivered, dropped) = self.fan_out(&publication);
-            Ok(PublishReport { delivered, dropped, publication })
+        let result = match (publication.topic(), publication.caller_id(), &self.dedup) {
+            (None, _, _) => Err(BusError("a publication needs a topic".into())),
+            (Some(topic), Some(id), Some(dedup)) => {
+                let (topic, id) = (topic.to_owned(), id.to_owned());
+                dedup.publish_once(&topic, &id, || Ok(self.publish_now(publication)))
+            }
+            _ => Ok(self.publish_now(publication)),
         };
         Box::pin(std::future::ready(result))
     }
@@ -145,7 +243,48 @@ impl Bus for MemoryBus {
         }
     }
 
+    fn subscribe_recovering(
+        &self,
+        connection: &Arc<Connection>,
+        topic: &str,
+        requested: Requested,
+        limit: ReplayLimit,
+    ) -> RecoveryOutcome {
+        match &self.history {
+            Some(history) if !is_pattern(topic) => {
+                history.subscribe(topic, requested, limit, || self.subscribe(connection, topic))
+            }
+            _ => {
+                self.subscribe(connection, topic);
+                RecoveryOutcome::no_buffer()
+            }
+        }
+    }
+
+    fn set_filter(&self, connection: ConnectionId, topic: &str, filter: Option<Arc<Filter>>) -> bool {
+        let mut filters = self.filters.write().unwrap_or_else(|e| e.into_inner());
+        match filter {
+            Some(filter) => {
+                filters.entry(topic.to_owned()).or_default().insert(connection, filter);
+            }
+            None => {
+                if let Some(by_connection) = filters.get_mut(topic) {
+                    by_connection.remove(&connection);
+                    if by_connection.is_empty() {
+                        filters.remove(topic);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn publish_transient(&self, publication: Arc<Publication>) -> usize {
+        self.deliver_local(&publication, false).0
+    }
+
     fn unsubscribe(&self, connection: ConnectionId, topic: &str) {
+        self.set_filter(connection, topic, None);
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if is_pattern(topic) {
             topics.patterns.retain(|(p, c)| !(p == topic && c.id() == connection));

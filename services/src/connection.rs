@@ -25,12 +25,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use tokio::sync::mpsc;
 use wsengine_core::codes::CloseCode;
 use wsengine_core::{Envelope, WireFormat};
 
+use crate::acl::TopicAcl;
 use crate::publication::Publication;
 
 /// A connection's id: a UUIDv7, sent to the client as `connection_id`.
@@ -106,6 +107,7 @@ pub struct Connection {
     deliveries: DeliverySender,
     dropped: Arc<AtomicU64>,
     shared: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
+    acl: OnceLock<TopicAcl>,
 }
 
 impl Connection {
@@ -124,6 +126,7 @@ impl Connection {
             deliveries,
             dropped: Arc::new(AtomicU64::new(0)),
             shared: Mutex::new(Vec::new()),
+            acl: OnceLock::new(),
         }
     }
 
@@ -140,6 +143,21 @@ impl Connection {
     /// Whether a handshake layer authenticated the connection.
     pub fn is_authenticated(&self) -> bool {
         self.authenticated
+    }
+
+    /// The topic ACL installed at the handshake, if any (PROTOCOL.md §6.2.4 step 3).
+    pub fn acl(&self) -> Option<&TopicAcl> {
+        self.acl.get()
+    }
+
+    /// Installs the connection's topic ACL; only the first call has an effect.
+    pub fn set_acl(&self, acl: TopicAcl) {
+        let _ = self.acl.set(acl);
+    }
+
+    /// Whether the ACL (if any) lets this connection receive or subscribe `topic`.
+    pub fn may_access(&self, topic: &str) -> bool {
+        self.acl.get().is_none_or(|acl| acl.allows(topic))
     }
 
     /// JSON or msgpack, chosen by `?format=msgpack` at connect time.

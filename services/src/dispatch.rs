@@ -42,8 +42,12 @@ use wsengine_core::{Category, Envelope, ErrorCode, InboundMessage, ProtocolError
 
 use crate::bus::Bus;
 use crate::connection::Connection;
-use crate::handler::{AppBody, AppMessage, Handler, NoHandler, SnapshotProvider};
-use crate::message::{BoxError, Inbound, InboundBody, Outbound, Reply, error_reply};
+use crate::filter::Filter;
+use crate::handler::{AppBody, AppMessage, Handler, NoHandler, SignatureStatus, SnapshotProvider};
+use crate::message::{BoxError, Inbound, InboundBody, OrderKey, Outbound, Reply, error_reply};
+use crate::presence::Presence;
+use crate::queue::QueueGauge;
+use crate::recovery::{ReplayLimit, SubscribeRecovery};
 
 /// What `server_ready` and `server_hello` announce, and the subscription limit.
 #[derive(Debug, Clone)]
@@ -64,6 +68,11 @@ pub struct ProtocolSettings {
     pub outbound_rate: (u64, u64),
     /// Inbound bucket: capacity and refill per second (announced).
     pub inbound_rate: (u64, u64),
+    /// Send the snapshot events of newly subscribed topics after the subscribe ack.
+    pub snapshot_on_subscribe: bool,
+    /// The outbound queue's byte budget and message cap: a replay that would not fit is
+    /// refused (PROTOCOL.md §9.4).
+    pub outbound_queue: (usize, usize),
 }
 
 impl Default for ProtocolSettings {
@@ -77,7 +86,42 @@ impl Default for ProtocolSettings {
             jwt: false,
             outbound_rate: (100_000, 10_000),
             inbound_rate: (2_000, 200),
+            snapshot_on_subscribe: false,
+            outbound_queue: (16 << 20, 4096),
         }
+    }
+}
+
+/// How dispatch charges the elements of a `batch` to the connection's inbound rate limit
+/// (PROTOCOL.md §11.2: one token per element).
+///
+/// The inbound rate-limit layer sits before decoding, so it pays one token for the whole
+/// frame; dispatch, which unpacks the batch, asks this hook for every further element. A
+/// rate-limit layer installs the charge once per connection through
+/// [`Connection::shared`]; without one every element is free. A refused element is skipped,
+/// and the [`Reply`] the charge returned (an error frame at most once per second, or a close)
+/// is sent instead; after a close no further element runs.
+#[derive(Default)]
+pub struct BatchTokens {
+    charge: std::sync::OnceLock<Box<dyn Fn() -> Result<(), Reply> + Send + Sync>>,
+}
+
+impl fmt::Debug for BatchTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchTokens").field("installed", &self.charge.get().is_some()).finish()
+    }
+}
+
+impl BatchTokens {
+    /// Installs the charge; only the first one installed on a connection counts. Returns
+    /// whether this one was installed.
+    pub fn install(&self, charge: impl Fn() -> Result<(), Reply> + Send + Sync + 'static) -> bool {
+        self.charge.set(Box::new(charge)).is_ok()
+    }
+
+    /// Takes one token for a batch element; `Err` skips the element and carries what to send.
+    pub fn charge(&self) -> Result<(), Reply> {
+        self.charge.get().map_or(Ok(()), |charge| charge())
     }
 }
 
@@ -91,6 +135,8 @@ pub struct DispatchContext {
     pub snapshots: Option<Arc<dyn SnapshotProvider>>,
     /// Protocol parameters.
     pub settings: ProtocolSettings,
+    /// The presence tracker; `None` when presence is disabled (PROTOCOL.md §6.3.6).
+    pub presence: Option<Arc<Presence>>,
 }
 
 impl fmt::Debug for DispatchContext {
@@ -106,7 +152,13 @@ impl fmt::Debug for DispatchContext {
 impl DispatchContext {
     /// Defaults around a bus: no application handler, no snapshots.
     pub fn new(bus: Arc<dyn Bus>) -> Self {
-        DispatchContext { bus, handler: Arc::new(NoHandler), snapshots: None, settings: ProtocolSettings::default() }
+        DispatchContext {
+            bus,
+            handler: Arc::new(NoHandler),
+            snapshots: None,
+            settings: ProtocolSettings::default(),
+            presence: None,
+        }
     }
 
     /// The `server_ready` envelope for a connection (PROTOCOL.md §6.1.1).
@@ -173,13 +225,24 @@ impl Service<Inbound> for Dispatch {
     }
 }
 
+/// How an inbound message arrived, handed on to the application with it.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    encrypted: bool,
+    signature: SignatureStatus,
+}
+
+fn reasons_mention(ack: &Value, reason: &str) -> bool {
+    ack.get("failure_reasons").and_then(Value::as_object).is_some_and(|r| r.values().any(|v| v == reason))
+}
+
 fn protocol_error(code: ErrorCode, message: &'static str) -> BoxError {
     ProtocolError::new(code, message).into()
 }
 
 impl Inner {
     async fn inbound(&self, inbound: Inbound) -> Result<Reply, BoxError> {
-        let encrypted = inbound.encrypted;
+        let origin = Origin { encrypted: inbound.encrypted, signature: inbound.signature };
         match inbound.body {
             InboundBody::Message(message) if message.t() == Some("batch") => {
                 // Each element as if it had arrived alone; a failing element becomes its own
@@ -189,22 +252,34 @@ impl Inner {
                     Some(Value::Array(elements)) => elements.clone(),
                     _ => return Err(protocol_error(ErrorCode::InvalidRequest, "batch needs a messages array")),
                 };
-                for element in elements {
+                let tokens = self.connection.shared::<BatchTokens>();
+                for (index, element) in elements.into_iter().enumerate() {
+                    // The frame itself paid for the first element (PROTOCOL.md §11.2).
+                    if index > 0 {
+                        if let Err(refused) = tokens.charge() {
+                            let closing = refused.close.is_some();
+                            reply.extend(refused);
+                            if closing {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
                     let Value::Object(fields) = element else { continue };
                     let message = InboundMessage::from_map(fields);
                     let result = if message.t() == Some("batch") {
-                        self.application(AppBody::Message(message), encrypted).await
+                        self.application(AppBody::Message(message), origin).await
                     } else {
-                        self.message(message, encrypted).await
+                        self.message(message, origin).await
                     };
                     reply.extend(result.unwrap_or_else(|e| error_reply(&e)));
                 }
                 Ok(reply)
             }
-            InboundBody::Message(message) => self.message(message, encrypted).await,
+            InboundBody::Message(message) => self.message(message, origin).await,
             InboundBody::RawText(text) => {
                 if self.context.handler.accepts_raw() {
-                    self.application(AppBody::RawText(text), encrypted).await
+                    self.application(AppBody::RawText(text), origin).await
                 } else if self.may_send_invalid_request() {
                     Err(protocol_error(ErrorCode::InvalidRequest, "Messages must be JSON objects"))
                 } else {
@@ -213,7 +288,7 @@ impl Inner {
             }
             InboundBody::RawBinary(bytes) => {
                 if self.context.handler.accepts_raw() {
-                    self.application(AppBody::RawBinary(bytes), encrypted).await
+                    self.application(AppBody::RawBinary(bytes), origin).await
                 } else if self.may_send_invalid_request() {
                     Err(protocol_error(
                         ErrorCode::InvalidRequest,
@@ -240,7 +315,7 @@ impl Inner {
         true
     }
 
-    async fn message(&self, message: InboundMessage, encrypted: bool) -> Result<Reply, BoxError> {
+    async fn message(&self, message: InboundMessage, origin: Origin) -> Result<Reply, BoxError> {
         match message.t() {
             Some("client_hello") => Ok(self.client_hello(&message)),
             Some("ping" | "PING") => {
@@ -249,9 +324,9 @@ impl Inner {
                 Ok(Reply::message(Outbound::protocol(pong)))
             }
             Some("PONG" | "pong") => Ok(Reply::none()),
-            Some("subscription_update" | "subscription") => self.subscription(&message),
+            Some("subscription_update" | "subscription") => self.subscription(&message).await,
             Some("sync_request") => Ok(self.sync_request(&message).await),
-            _ => self.application(AppBody::Message(message), encrypted).await,
+            _ => self.application(AppBody::Message(message), origin).await,
         }
     }
 
@@ -291,7 +366,7 @@ impl Inner {
         Reply::message(Outbound::protocol(hello))
     }
 
-    fn subscription(&self, message: &InboundMessage) -> Result<Reply, BoxError> {
+    async fn subscription(&self, message: &InboundMessage) -> Result<Reply, BoxError> {
         let p = message.p();
         let action = match p.and_then(|p| p.get("action")) {
             None | Some(Value::Null) => "subscribe",
@@ -317,26 +392,79 @@ impl Inner {
                 requested.push(topic.clone());
             }
         }
-        let ack = if action == "subscribe" { self.subscribe(requested) } else { self.unsubscribe(requested) };
+        if action == "subscribe" {
+            return Ok(self.subscribe_reply(requested, p).await);
+        }
+        let ack = self.unsubscribe(requested);
         Ok(Reply::message(Outbound::protocol(Envelope::new("subscription_update", ack).identified())))
     }
 
-    fn subscribe(&self, topics: Vec<String>) -> Value {
+    /// Subscribes and builds the whole answer, in the order the client must see it: the
+    /// recovery replays, the ack (PROTOCOL.md §9.4), then with `snapshot_on_subscribe` the
+    /// snapshot events of the newly subscribed topics and `snapshot_complete`.
+    ///
+    /// Live publications of these topics cannot get ahead: the subscriptions were registered
+    /// together with their positions, so later publications wait in the delivery channel, and
+    /// the driver queues this whole reply before it takes further deliveries.
+    async fn subscribe_reply(&self, topics: Vec<String>, p: Option<&Value>) -> Reply {
+        let settings = &self.context.settings;
+        let queued = self.connection.shared::<QueueGauge>();
+        let (queue_bytes, queue_messages) = settings.outbound_queue;
+        let limit = ReplayLimit {
+            // One place stays for the ack.
+            messages: queue_messages.saturating_sub(queued.messages() + 1),
+            bytes: queue_bytes.saturating_sub(queued.bytes()),
+        };
+        let mut recovery = SubscribeRecovery::new(settings.recovery, p, limit);
+        let mut ack = self.subscribe(topics, p, &mut recovery);
+        let new_topics: Vec<String> =
+            recovery.new_topics().iter().filter(|t| !wsengine_core::topic::is_pattern(t)).cloned().collect();
+        let replay = recovery.finish(self.context.bus.as_ref(), &self.connection, &mut ack);
+        let mut reply = Reply { messages: replay.into_iter().map(Outbound::publication).collect(), close: None };
+        reply.push(Outbound::protocol(Envelope::new("subscription_update", ack).identified()));
+        if settings.snapshot_on_subscribe && self.context.snapshots.is_some() && !new_topics.is_empty() {
+            let count = self.snapshot_events(&new_topics, &mut reply).await;
+            let complete = Envelope::new("snapshot_complete", json!({ "topics": new_topics, "count": count }));
+            reply.push(Outbound::protocol(complete.identified()));
+        }
+        reply
+    }
+
+    fn subscribe(&self, topics: Vec<String>, p: Option<&Value>, recovery: &mut SubscribeRecovery) -> Value {
         let limit = self.context.settings.max_subscriptions;
         let mut success = Vec::new();
         let mut failed = Vec::new();
         let mut reasons = Map::new();
+        // `p.filter` and `p.presence` apply to every topic of the request (PROTOCOL.md §6.3.6;
+        // filters are an engine extension, see the filter module).
+        let filter = match p.and_then(|p| p.get("filter")) {
+            None | Some(Value::Null) => Ok(None),
+            Some(expression) => Filter::intern(expression).map(Some),
+        };
+        let presence = match (&self.context.presence, p.and_then(|p| p.get("presence"))) {
+            (Some(_), Some(data)) if !data.is_null() => Presence::validate(data).map(Some),
+            _ => Ok(None),
+        };
         self.connection.with_subscriptions(|subscriptions| {
             for topic in topics {
                 let reason = if !validate_topic(&topic) {
                     Some("INVALID_TOPIC")
-                } else if subscriptions.contains(&topic) {
-                    None
-                } else if limit != 0 && subscriptions.len() >= limit {
+                } else if !self.connection.may_access(&topic) {
+                    // The subscription string itself; pattern deliveries are checked per topic by the bus.
+                    Some("FORBIDDEN")
+                } else if filter.is_err() {
+                    Some("INVALID_FILTER")
+                } else if presence.is_err() {
+                    Some("INVALID_PRESENCE")
+                } else if !subscriptions.contains(&topic) && limit != 0 && subscriptions.len() >= limit {
                     Some("LIMIT_EXCEEDED")
+                } else if !self.context.bus.set_filter(self.connection.id(), &topic, filter.clone().ok().flatten()) {
+                    // A bus that cannot filter: better refused than delivered unfiltered.
+                    Some("INVALID_FILTER")
                 } else {
-                    self.context.bus.subscribe(&self.connection, &topic);
-                    subscriptions.insert(topic.clone());
+                    if subscriptions.insert(topic.clone()) {
+                        recovery.register(self.context.bus.as_ref(), &self.connection, &topic);
+                    }
                     None
                 };
                 match reason {
@@ -354,8 +482,22 @@ impl Inner {
             "success_topics": success,
             "failed_topics": failed,
         });
+        if let (Some(tracker), Ok(data)) = (&self.context.presence, presence.as_ref()) {
+            for topic in &success {
+                tracker.track(topic, &self.connection, data.clone());
+            }
+        }
         if !reasons.is_empty() {
             ack["failure_reasons"] = Value::Object(reasons);
+        }
+        // The reasons are codes (§6.1.5); the details go into fields of their own.
+        if let Err(error) = &filter {
+            ack["filter_error"] = error.message().into();
+        } else if reasons_mention(&ack, "INVALID_FILTER") {
+            ack["filter_error"] = "this bus does not support filters".into();
+        }
+        if let Err(error) = &presence {
+            ack["presence_error"] = error.to_string().into();
         }
         ack["recovered"] = false.into();
         ack
@@ -366,6 +508,9 @@ impl Inner {
             for topic in &topics {
                 if subscriptions.remove(topic) {
                     self.context.bus.unsubscribe(self.connection.id(), topic);
+                    if let Some(presence) = &self.context.presence {
+                        presence.untrack(topic, self.connection.id());
+                    }
                 }
             }
         });
@@ -386,47 +531,81 @@ impl Inner {
             }
             _ => None,
         };
-        let topics = requested.unwrap_or_else(|| {
+        let mut topics = requested.unwrap_or_else(|| {
             let mut current: Vec<String> = self
                 .connection
                 .with_subscriptions(|s| s.iter().filter(|t| !wsengine_core::topic::is_pattern(t)).cloned().collect());
             current.sort();
             current
         });
+        // Topics the ACL denies are removed silently (PROTOCOL.md §6.2.5 step 1).
+        topics.retain(|topic| self.connection.may_access(topic));
         let wanted = !matches!(p.and_then(|p| p.get("include_snapshots")), Some(Value::Bool(false)));
         let mut reply = Reply::none();
         let mut count = 0usize;
-        if let (true, Some(provider), false) = (wanted, &self.context.snapshots, topics.is_empty()) {
-            match provider.snapshot(self.connection.user_id(), &topics).await {
-                Ok(events) => {
-                    for mut event in events {
-                        event.c = Category::Snapshot;
-                        event.stamp = None;
-                        event.id = None;
-                        event.ts = None;
-                        reply.push(Outbound::event(event.identified()));
-                        count += 1;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(connection = %self.connection.id(), %error, "snapshot provider failed");
-                    let failure = ProtocolError::new(ErrorCode::SnapshotFailed, "Snapshot failed")
-                        .with_details(json!({ "topics": topics }));
-                    reply.extend(error_reply(&failure.into()));
-                }
-            }
+        if wanted && !topics.is_empty() {
+            count = self.snapshot_events(&topics, &mut reply).await;
         }
         let complete = Envelope::new("snapshot_complete", json!({ "topics": topics, "count": count })).identified();
         reply.push(Outbound::protocol(complete));
         reply
     }
 
-    async fn application(&self, body: AppBody, encrypted: bool) -> Result<Reply, BoxError> {
+    /// Asks the snapshot provider for `topics` (the one place it is called) and appends its
+    /// events to `reply`: category `S`, a fresh `id` and `ts`, no stamp (PROTOCOL.md §6.2.5).
+    /// An event that names one of the topics in `p.topic` (or the only topic asked for) is
+    /// kept in order with that topic's publications, so a live publication queued after it
+    /// never overtakes it whatever their priorities. A failing provider becomes a
+    /// `SNAPSHOT_FAILED` error. Returns how many events were appended.
+    async fn snapshot_events(&self, topics: &[String], reply: &mut Reply) -> usize {
+        let Some(provider) = &self.context.snapshots else { return 0 };
+        let mut count = 0usize;
+        match provider.snapshot(self.connection.user_id(), topics).await {
+            Ok(events) => {
+                for mut event in events {
+                    event.c = Category::Snapshot;
+                    event.stamp = None;
+                    event.id = None;
+                    event.ts = None;
+                    let named = event.p.get("topic").and_then(Value::as_str);
+                    let topic = match (named, topics) {
+                        (Some(named), _) => topics.iter().find(|t| t.as_str() == named),
+                        (None, [only]) => Some(only),
+                        (None, _) => None,
+                    };
+                    let mut outbound = Outbound::event(event.identified());
+                    if let Some(topic) = topic {
+                        outbound = outbound.in_stream(OrderKey::topic(topic));
+                    }
+                    reply.push(outbound);
+                    count += 1;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(connection = %self.connection.id(), %error, "snapshot provider failed");
+                let mut failure = ProtocolError::new(ErrorCode::SnapshotFailed, "Snapshot failed")
+                    .with_details(json!({ "topics": topics }));
+                // A circuit breaker refused the call: pass on how long to wait.
+                if let Some(open) =
+                    error.downcast_ref::<ProtocolError>().filter(|e| e.code() == ErrorCode::CircuitBreakerOpen)
+                {
+                    for (key, value) in open.fields() {
+                        failure = failure.with_field(key.clone(), value.clone());
+                    }
+                }
+                reply.extend(error_reply(&failure.into()));
+            }
+        }
+        count
+    }
+
+    async fn application(&self, body: AppBody, origin: Origin) -> Result<Reply, BoxError> {
         let message = AppMessage {
             connection_id: self.connection.id(),
             user_id: self.connection.user_id().to_owned(),
             body,
-            encrypted,
+            encrypted: origin.encrypted,
+            signature: origin.signature,
         };
         let events = self.context.handler.handle(message).await?;
         Ok(Reply { messages: events.into_iter().map(Outbound::event).collect(), close: None })

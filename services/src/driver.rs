@@ -7,6 +7,14 @@
 //! the heartbeat — and coalesces writes: everything queued is fed to the sink, then flushed
 //! once.
 //!
+//! Slow consumers (PROTOCOL.md §10.3) are closed with 1013 `Slow consumer` when either the
+//! oldest queued CRITICAL message has waited longer than the queue's grace period, or the
+//! queue is under pressure (it had to drop and has not drained to half its limits since) at
+//! two consecutive heartbeat ticks. Server pings are CRITICAL, so a consumer that stops
+//! reading altogether is closed at most one ping interval plus the grace period after it
+//! stopped. The messages of one reply are queued with a shared ordering key, so priorities
+//! never reorder them ([`Reply::keep_in_order`]).
+//!
 //! ```no_run
 //! # async fn example(socket: wsengine_services::websocket::Socket, session: wsengine_services::driver::Session) {
 //! wsengine_services::driver::run(socket, session).await;
@@ -135,10 +143,20 @@ where
     let mut ticker = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_activity = Instant::now();
-    let mut over_budget_ticks = 0u32;
+    let mut pressured_ticks = 0u32;
     let mut needs_flush = false;
+    // Fires when the oldest queued CRITICAL message has waited out the grace period; re-armed
+    // only when that deadline changes.
+    let critical_timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(critical_timer);
 
     let close: Option<(CloseCode, String)> = loop {
+        let critical_deadline = queue.critical_deadline();
+        if let Some(deadline) = critical_deadline {
+            if critical_timer.deadline() != deadline {
+                critical_timer.as_mut().reset(deadline);
+            }
+        }
         tokio::select! {
             biased;
             written = poll_fn(|cx| poll_write(&mut sink, &queue, &mut needs_flush, cx)),
@@ -147,6 +165,10 @@ where
                     tracing::debug!(connection = %connection.id(), %error, "write failed");
                     break None;
                 }
+            }
+            // Ahead of deliveries, so a flood of them cannot postpone the slow-consumer close.
+            () = &mut critical_timer, if critical_deadline.is_some() => {
+                break Some((CloseCode::TRY_AGAIN_LATER, "Slow consumer".into()));
             }
             delivery = deliveries.recv() => {
                 let Some(delivery) = delivery else { break None };
@@ -182,14 +204,17 @@ where
                 if last_activity.elapsed() >= settings.idle_timeout {
                     break Some((CloseCode::IDLE_TIMEOUT, "Idle timeout".into()));
                 }
-                if queue.is_over_budget() {
-                    over_budget_ticks += 1;
-                    if over_budget_ticks >= 2 {
+                // PROTOCOL.md §10.3: still not keeping up at two consecutive ticks means 1013.
+                if queue.is_under_pressure() {
+                    pressured_ticks += 1;
+                    if pressured_ticks >= 2 {
                         break Some((CloseCode::TRY_AGAIN_LATER, "Slow consumer".into()));
                     }
                 } else {
-                    over_budget_ticks = 0;
+                    pressured_ticks = 0;
                 }
+                // Idle or not, the queue's buffers go once it is empty (after this ping).
+                queue.release_memory_when_empty();
                 let ping = wsengine_core::envelope::server_ping(wsengine_core::time::now_rfc3339());
                 send(&mut outbound, Outbound::protocol(ping)).await;
             }
@@ -206,6 +231,10 @@ where
 
     registry.unregister(connection.id());
     release_subscriptions(&connection, context.bus.as_ref());
+    if let Some(presence) = &context.presence {
+        // After the bus unsubscribe: the leave goes to the others, not to this connection.
+        presence.release(connection.id());
+    }
     if let Some((code, reason)) = close {
         tracing::debug!(connection = %connection.id(), code = code.0, %reason, "closing");
         let goodbye = async {
@@ -285,7 +314,8 @@ async fn receive(
         Ok(service) => service.call(Inbound::frame(frame)).await,
         Err(error) => Err(error),
     };
-    let reply = reply.unwrap_or_else(|error| error_reply(&error));
+    let mut reply = reply.unwrap_or_else(|error| error_reply(&error));
+    reply.keep_in_order();
     for message in reply.messages {
         send(outbound, message).await;
     }

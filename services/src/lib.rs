@@ -11,14 +11,19 @@
 //! assert_eq!(bus.subscription_count(), 0);
 //! ```
 
+pub mod acl;
 pub mod bus;
 pub mod connection;
 pub mod dispatch;
+pub mod dlq;
 pub mod driver;
+pub mod filter;
 pub mod handler;
 pub mod message;
+pub mod presence;
 pub mod publication;
 pub mod queue;
+pub mod recovery;
 pub mod websocket;
 
 pub use tungstenite;

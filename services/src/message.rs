@@ -22,6 +22,7 @@ use tungstenite::Utf8Bytes;
 use wsengine_core::codes::CloseCode;
 use wsengine_core::{Decoded, Envelope, Frame, InboundMessage};
 
+use crate::handler::SignatureStatus;
 use crate::publication::Publication;
 
 /// The error type between layers, as in tower.
@@ -34,6 +35,8 @@ pub struct Inbound {
     pub body: InboundBody,
     /// Whether the message arrived inside an `E:` frame.
     pub encrypted: bool,
+    /// Set by a verify layer: the message's signature status (for a `batch`, the batch's own).
+    pub signature: SignatureStatus,
 }
 
 /// The stages of an inbound message.
@@ -54,12 +57,12 @@ pub enum InboundBody {
 impl Inbound {
     /// A frame as read from the socket.
     pub fn frame(frame: Frame) -> Self {
-        Inbound { body: InboundBody::Frame(frame), encrypted: false }
+        Inbound { body: InboundBody::Frame(frame), encrypted: false, signature: SignatureStatus::Unchecked }
     }
 
     /// A decoded message.
     pub fn message(message: InboundMessage) -> Self {
-        Inbound { body: InboundBody::Message(message), encrypted: false }
+        Inbound { body: InboundBody::Message(message), encrypted: false, signature: SignatureStatus::Unchecked }
     }
 }
 
@@ -99,6 +102,19 @@ impl Reply {
         self.messages.push(message);
     }
 
+    /// Gives every message of a reply with more than one message the same fresh reply key, so
+    /// the outbound queue sends them in this order whatever their priorities (PROTOCOL.md §5.3:
+    /// an acknowledgement after the replays it concludes, `snapshot_complete` after the snapshot
+    /// events). The driver does this for every reply it queues.
+    pub fn keep_in_order(&mut self) {
+        if self.messages.len() > 1 {
+            let key = OrderKey::unique();
+            for message in &mut self.messages {
+                message.order.reply = Some(key);
+            }
+        }
+    }
+
     /// Appends the messages of another reply and takes its close, if any.
     pub fn extend(&mut self, other: Reply) {
         self.messages.extend(other.messages);
@@ -128,6 +144,72 @@ pub struct Outbound {
     pub priority: u8,
     /// The message, at its current stage of encoding.
     pub body: OutboundBody,
+    /// What the outbound queue must keep it in line with (PROTOCOL.md §5.3).
+    pub order: Order,
+}
+
+/// The ordering constraints of an [`Outbound`] message in the outbound queue.
+///
+/// The queue delivers by priority, but a message never leaves it while an earlier-queued
+/// message sharing one of its keys is still waiting. `stream` keeps a topic's publications
+/// (and broadcasts) in offset order; `reply` keeps the messages one inbound message produced in
+/// order, so an acknowledgement never overtakes the replays or snapshot events it concludes.
+///
+/// [`Outbound::publication`] sets `stream`, and the driver sets `reply` on every reply with
+/// more than one message ([`Reply::keep_in_order`]); so replays and snapshot events belong in
+/// the same [`Reply`] as the frame that concludes them. A snapshot event that must also stay
+/// ahead of its topic's later publications joins the topic's stream with
+/// [`Outbound::in_stream`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Order {
+    /// The stream the message belongs to: its topic, or the broadcast stream.
+    pub stream: Option<OrderKey>,
+    /// The reply the message is part of.
+    pub reply: Option<OrderKey>,
+}
+
+impl Order {
+    /// The distinct keys, stream first.
+    pub fn keys(&self) -> impl Iterator<Item = OrderKey> {
+        let stream = self.stream;
+        self.stream.into_iter().chain(self.reply.filter(move |reply| Some(*reply) != stream))
+    }
+}
+
+/// An ordering key: messages with the same key leave the outbound queue in the order they
+/// entered it.
+///
+/// Topic keys are a hash of the topic name (keyed per process, so topic names cannot be chosen
+/// to collide); two topics whose hashes collide are merely kept in order with each other, which
+/// is always allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OrderKey(KeySpace);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum KeySpace {
+    Topic(u64),
+    Broadcast,
+    Unique(u64),
+}
+
+impl OrderKey {
+    /// The key of a topic's publications.
+    pub fn topic(topic: &str) -> Self {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        OrderKey(KeySpace::Topic(KEYS.get_or_init(std::hash::RandomState::new).hash_one(topic)))
+    }
+
+    /// The key of broadcasts to every connection.
+    pub fn broadcast() -> Self {
+        OrderKey(KeySpace::Broadcast)
+    }
+
+    /// A key no other call returns (for grouping the messages of one reply).
+    pub fn unique() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        OrderKey(KeySpace::Unique(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)))
+    }
 }
 
 /// The stages of an outbound message.
@@ -153,6 +235,25 @@ pub mod priority {
     pub const LOW: u8 = 3;
     /// Dropped first.
     pub const BACKGROUND: u8 = 1;
+
+    /// The level a `pri` value belongs to: the nearest level at or below it, so 9 is
+    /// [`HIGH`], 4 is [`LOW`], anything above 10 is [`CRITICAL`] and 0 is [`BACKGROUND`].
+    ///
+    /// ```
+    /// use wsengine_services::message::priority;
+    /// assert_eq!(priority::level(9), priority::HIGH);
+    /// assert_eq!(priority::level(0), priority::BACKGROUND);
+    /// assert_eq!(priority::level(200), priority::CRITICAL);
+    /// ```
+    pub fn level(pri: u8) -> u8 {
+        match pri {
+            CRITICAL.. => CRITICAL,
+            HIGH.. => HIGH,
+            NORMAL.. => NORMAL,
+            LOW.. => LOW,
+            _ => BACKGROUND,
+        }
+    }
 }
 
 impl Outbound {
@@ -162,6 +263,7 @@ impl Outbound {
             kind: OutboundKind::Protocol,
             priority: priority::CRITICAL,
             body: OutboundBody::Envelope(Box::new(envelope)),
+            order: Order::default(),
         }
     }
 
@@ -171,16 +273,30 @@ impl Outbound {
             kind: OutboundKind::Event,
             priority: envelope.pri.unwrap_or(priority::NORMAL),
             body: OutboundBody::Envelope(Box::new(envelope)),
+            order: Order::default(),
         }
     }
 
-    /// A shared publication.
+    /// A shared publication, kept in order with the other publications of its topic (or with
+    /// the other broadcasts).
     pub fn publication(publication: Arc<Publication>) -> Self {
+        let stream = match publication.topic() {
+            Some(topic) => OrderKey::topic(topic),
+            None => OrderKey::broadcast(),
+        };
         Outbound {
             kind: OutboundKind::Publication,
             priority: publication.priority(),
             body: OutboundBody::Publication(publication),
+            order: Order { stream: Some(stream), reply: None },
         }
+    }
+
+    /// The same message, kept in order with the other messages of `stream` (for example a
+    /// snapshot event with its topic's publications: `OrderKey::topic(topic)`).
+    pub fn in_stream(mut self, stream: OrderKey) -> Self {
+        self.order.stream = Some(stream);
+        self
     }
 
     /// The message type, when it is known without decoding.

@@ -19,7 +19,8 @@
 //! }
 //! ```
 
-use std::sync::OnceLock;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tungstenite::Utf8Bytes;
@@ -28,15 +29,35 @@ use wsengine_core::{Envelope, Frame, Stamp, WireFormat};
 
 use crate::message::priority;
 
+/// Computes the `sig` of a publication (PROTOCOL.md §8.4). The publication calls it at most
+/// once, after stamping and before the first encoding, so every subscriber and every replay
+/// carries the same signature.
+pub trait PublicationSigner: Send + Sync + fmt::Debug + 'static {
+    /// The signature of `message` (the publication as a JSON object, without `sig`), or `None`
+    /// to leave this publication unsigned.
+    fn sign(&self, message: &serde_json::Map<String, serde_json::Value>) -> Option<String>;
+}
+
 /// A message published to a topic (or broadcast to every connection) with its memoized encodings.
 #[derive(Debug)]
 pub struct Publication {
     topic: Option<String>,
     content: Content,
     priority: u8,
+    /// The `id` the caller supplied (none when the engine assigned it): the idempotency key.
+    caller_id: Option<String>,
+    signer: Option<Arc<dyn PublicationSigner>>,
+    signed: OnceLock<Option<Signed>>,
     json: OnceLock<Utf8Bytes>,
     compressed: OnceLock<Option<Bytes>>,
     msgpack: OnceLock<Bytes>,
+}
+
+/// The content with its `sig` in place.
+#[derive(Debug)]
+enum Signed {
+    Envelope(Box<Envelope>),
+    Raw(Utf8Bytes),
 }
 
 #[derive(Debug)]
@@ -62,6 +83,7 @@ impl Publication {
     }
 
     fn build(topic: Option<String>, mut envelope: Envelope) -> Self {
+        let caller_id = envelope.id.clone();
         if envelope.id.is_none() {
             envelope.id = Some(uuid::Uuid::now_v7().to_string());
         }
@@ -74,6 +96,9 @@ impl Publication {
             topic,
             content: Content::Envelope(Box::new(envelope)),
             priority,
+            caller_id,
+            signer: None,
+            signed: OnceLock::new(),
             json: OnceLock::new(),
             compressed: OnceLock::new(),
             msgpack: OnceLock::new(),
@@ -91,11 +116,15 @@ impl Publication {
         let value: serde_json::Value =
             serde_json::from_slice(&prepared).map_err(|_| wsengine_core::DecodeError::NotAnObject)?;
         let message_type = value.get("t").and_then(|t| t.as_str()).map(str::to_owned);
+        let caller_id = value.get("id").and_then(|t| t.as_str()).map(str::to_owned);
         let text = Utf8Bytes::try_from(prepared).map_err(|_| wsengine_core::DecodeError::NotUtf8)?;
         Ok(Publication {
             topic: Some(topic.into()),
             content: Content::Raw { json: text, message_type },
             priority: priority::NORMAL,
+            caller_id,
+            signer: None,
+            signed: OnceLock::new(),
             json: OnceLock::new(),
             compressed: OnceLock::new(),
             msgpack: OnceLock::new(),
@@ -104,10 +133,87 @@ impl Publication {
 
     /// Sets the recovery stamp. Only before the publication is shared (it is part of every encoding).
     pub fn with_stamp(mut self, stamp: Stamp) -> Self {
-        if let Content::Envelope(envelope) = &mut self.content {
-            envelope.stamp = Some(stamp);
+        match &mut self.content {
+            Content::Envelope(envelope) => envelope.stamp = Some(stamp),
+            Content::Raw { json, .. } => {
+                // Prepared once already, so only the stamp is inserted this time.
+                if let Ok(stamped) = wsengine_core::envelope::prepare_raw_publication(json.as_bytes(), Some(&stamp)) {
+                    if let Ok(text) = Utf8Bytes::try_from(stamped) {
+                        *json = text;
+                    }
+                }
+            }
         }
+        self.forget_encodings();
         self
+    }
+
+    /// Signs the publication with `signer` when it is first encoded (after any stamping).
+    /// Only before the publication is shared. A raw publication that already has a top-level
+    /// `sig` keeps it.
+    pub fn with_signer(mut self, signer: Arc<dyn PublicationSigner>) -> Self {
+        self.signer = Some(signer);
+        self.forget_encodings();
+        self
+    }
+
+    /// The signature the publication carries, computing it if needed.
+    pub fn sig(&self) -> Option<String> {
+        match self.signed() {
+            Some(Signed::Envelope(e)) => e.sig.clone(),
+            Some(Signed::Raw(json)) => serde_json::from_str::<serde_json::Value>(json.as_str())
+                .ok()
+                .and_then(|v| v.get("sig").and_then(|s| s.as_str()).map(str::to_owned)),
+            None => self.envelope().and_then(|e| e.sig.clone()),
+        }
+    }
+
+    fn forget_encodings(&mut self) {
+        self.signed = OnceLock::new();
+        self.json = OnceLock::new();
+        self.compressed = OnceLock::new();
+        self.msgpack = OnceLock::new();
+    }
+
+    /// The content with the signature in place, computed once; `None` when unsigned.
+    fn signed(&self) -> Option<&Signed> {
+        let signer = self.signer.as_ref()?;
+        self.signed
+            .get_or_init(|| match &self.content {
+                Content::Envelope(envelope) => {
+                    let serde_json::Value::Object(mut message) =
+                        serde_json::to_value(envelope.as_ref()).expect("envelopes serialize to JSON")
+                    else {
+                        return None;
+                    };
+                    message.remove("sig");
+                    let sig = signer.sign(&message)?;
+                    let mut signed = envelope.clone();
+                    signed.sig = Some(sig);
+                    Some(Signed::Envelope(signed))
+                }
+                Content::Raw { json, .. } => {
+                    let serde_json::Value::Object(message) = serde_json::from_str(json.as_str()).ok()? else {
+                        return None;
+                    };
+                    if message.contains_key("sig") {
+                        return None;
+                    }
+                    let sig = signer.sign(&message)?;
+                    let text = json.as_str().trim_end();
+                    let body = text.strip_suffix('}')?.trim_end();
+                    let separator = if message.is_empty() { "" } else { "," };
+                    let quoted = serde_json::to_string(&sig).expect("strings serialize");
+                    Some(Signed::Raw(Utf8Bytes::from(format!("{body}{separator}\"sig\":{quoted}}}"))))
+                }
+            })
+            .as_ref()
+    }
+
+    /// The `id` the caller supplied, if any (an engine-assigned id is not one): publishes with
+    /// the same caller id are idempotent within the configured window.
+    pub fn caller_id(&self) -> Option<&str> {
+        self.caller_id.as_deref()
     }
 
     /// The topic, or `None` for a broadcast to every connection.
@@ -138,9 +244,11 @@ impl Publication {
 
     /// The plain JSON text, encoded on first use.
     pub fn json(&self) -> &Utf8Bytes {
-        self.json.get_or_init(|| match &self.content {
-            Content::Envelope(e) => Utf8Bytes::try_from(e.to_json()).expect("serde_json emits UTF-8"),
-            Content::Raw { json, .. } => json.clone(),
+        self.json.get_or_init(|| match (self.signed(), &self.content) {
+            (Some(Signed::Envelope(e)), _) | (None, Content::Envelope(e)) => {
+                Utf8Bytes::try_from(e.to_json()).expect("serde_json emits UTF-8")
+            }
+            (Some(Signed::Raw(json)), _) | (None, Content::Raw { json, .. }) => json.clone(),
         })
     }
 
@@ -178,9 +286,9 @@ impl Publication {
 
     fn msgpack(&self) -> &Bytes {
         self.msgpack.get_or_init(|| {
-            let body = match &self.content {
-                Content::Envelope(e) => e.to_msgpack(),
-                Content::Raw { json, .. } => {
+            let body = match (self.signed(), &self.content) {
+                (Some(Signed::Envelope(e)), _) | (None, Content::Envelope(e)) => e.to_msgpack(),
+                (Some(Signed::Raw(json)), _) | (None, Content::Raw { json, .. }) => {
                     let value: serde_json::Value =
                         serde_json::from_str(json.as_str()).expect("raw publications are validated JSON");
                     rmp_serde::to_vec_named(&value).expect("JSON values encode as msgpack")

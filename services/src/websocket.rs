@@ -7,7 +7,8 @@
 //!
 //! A handshake layer passes its verdict through the request extensions: an
 //! [`Identity`] names the user, an [`AuthRejection`] makes the engine send the
-//! protocol's auth error and close with 4401 after the upgrade (PROTOCOL.md §2.5).
+//! protocol's auth error and close with 4401 after the upgrade (PROTOCOL.md §2.5). A
+//! [`TopicAcl`] in the extensions becomes the connection's topic ACL.
 //!
 //! ```no_run
 //! # fn example(connector: std::sync::Arc<wsengine_services::websocket::Connector>) {
@@ -33,10 +34,11 @@ use tower::Service;
 use tungstenite::protocol::WebSocketConfig;
 use wsengine_core::WireFormat;
 
+use crate::acl::TopicAcl;
 use crate::connection::{AuthRejection, Connection, ConnectionId, Identity, Registry, Slot};
 use crate::dispatch::{Dispatch, DispatchContext};
 use crate::driver::{self, DriverSettings, InboundService, OutboundService, Session, Shutdown};
-use crate::queue::OutboundQueue;
+use crate::queue::{OutboundQueue, QueueLimits};
 
 /// The socket type of an upgraded hyper connection.
 pub type Socket = HyperWebsocketStream;
@@ -60,6 +62,9 @@ pub struct ConnectorSettings {
     pub queue_bytes: usize,
     /// Outbound queue message cap per connection.
     pub queue_messages: usize,
+    /// How long a CRITICAL message may wait in the outbound queue before the connection is
+    /// closed with 1013 as a slow consumer.
+    pub critical_grace: std::time::Duration,
     /// Deliveries that may wait for a connection's driver before new ones are dropped.
     pub delivery_capacity: usize,
 }
@@ -71,6 +76,7 @@ impl Default for ConnectorSettings {
             websocket: WebSocketConfig::default(),
             queue_bytes: 16 << 20,
             queue_messages: 4096,
+            critical_grace: std::time::Duration::from_secs(10),
             delivery_capacity: 1024,
         }
     }
@@ -109,6 +115,8 @@ pub struct Admission {
     pub rejection: Option<AuthRejection>,
     /// JSON or msgpack.
     pub format: WireFormat,
+    /// The topic ACL a handshake layer installed, if any.
+    pub acl: Option<TopicAcl>,
 }
 
 impl Connector {
@@ -126,6 +134,9 @@ impl Connector {
             return;
         }
         let session = self.session(admission.identity, admission.format);
+        if let Some(acl) = admission.acl {
+            session.connection.set_acl(acl);
+        }
         driver::run(socket, session).await;
         drop(slot);
     }
@@ -134,11 +145,12 @@ impl Connector {
     pub fn session(&self, identity: Option<Identity>, format: WireFormat) -> Session {
         let (tx, deliveries) = mpsc::channel(self.settings.delivery_capacity);
         let connection = Arc::new(Connection::new(ConnectionId::new(), identity, format, tx));
-        let (queue, reader) = OutboundQueue::counting_drops(
-            self.settings.queue_bytes,
-            self.settings.queue_messages,
-            connection.drop_counter(),
-        );
+        let limits = QueueLimits {
+            bytes: self.settings.queue_bytes,
+            messages: self.settings.queue_messages,
+            critical_grace: self.settings.critical_grace,
+        };
+        let (queue, reader) = OutboundQueue::for_connection(&connection, limits);
         let inbound =
             self.stacks.inbound(&connection, Dispatch::new(Arc::clone(&self.context), Arc::clone(&connection)));
         let outbound = self.stacks.outbound(&connection, queue);
@@ -211,6 +223,7 @@ impl<B> Service<Request<B>> for WebSocketService {
             identity: request.extensions().get::<Identity>().cloned(),
             rejection: request.extensions().get::<AuthRejection>().cloned(),
             format: WireFormat::from_query(request.uri().query()),
+            acl: request.extensions().get::<TopicAcl>().cloned(),
         };
         let (response, websocket) =
             match hyper_tungstenite::upgrade(&mut request, Some(self.connector.settings.websocket)) {

@@ -118,7 +118,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr()?;
     tracing::info!("wsengine {} listening on {address}", env!("CARGO_PKG_VERSION"));
-    println!("wsengine listening on ws://{address}{} (HTTP API on http://{address})", engine.config().path);
+    let secure = if engine.config().tls_cert.is_some() { "s" } else { "" };
+    println!(
+        "wsengine listening on ws{secure}://{address}{} (HTTP API on http{secure}://{address})",
+        engine.config().path
+    );
     let server = tokio::spawn(engine.clone().serve(listener));
     shutdown_signal().await;
     tracing::info!("shutting down");
