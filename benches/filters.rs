@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use serde_json::json;
-use tokio::sync::mpsc::Receiver;
 use wsengine::services::bus::{Bus, MemoryBus};
-use wsengine::services::connection::{Connection, ConnectionId, Delivery};
+use wsengine::services::connection::{Connection, ConnectionId};
 use wsengine::services::publication::Publication;
 use wsengine::{Envelope, Filter, WireFormat};
 
@@ -36,12 +35,14 @@ fn filter(n: usize) -> Arc<Filter> {
 }
 
 /// A bus with `SUBSCRIBERS` subscribers of `quotes`, subscriber `i` using filter `i % distinct`.
-fn bus(distinct: Option<usize>) -> (MemoryBus, Vec<Arc<Connection>>, Vec<Receiver<Delivery>>) {
+fn bus(
+    distinct: Option<usize>,
+) -> (MemoryBus, Vec<Arc<Connection>>, Vec<wsengine::services::connection::DeliveryReceiver>) {
     let bus = MemoryBus::new();
     let filters: Vec<Arc<Filter>> = (0..distinct.unwrap_or(0)).map(filter).collect();
     let (mut connections, mut receivers) = (Vec::new(), Vec::new());
     for i in 0..SUBSCRIBERS {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = wsengine::services::connection::delivery_channel(4);
         let connection = Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx));
         if let Some(distinct) = distinct {
             bus.set_filter(connection.id(), "quotes", Some(Arc::clone(&filters[i % distinct])));

@@ -55,7 +55,7 @@ fn measure(mut op: impl FnMut(), reps: usize, seconds: f64) -> f64 {
 }
 
 fn connection(user: &str) -> std::sync::Arc<Connection> {
-    let (tx, _) = tokio::sync::mpsc::channel(1);
+    let (tx, _) = wsengine::services::connection::delivery_channel(1);
     let identity = Some(Identity { user_id: user.to_owned() });
     std::sync::Arc::new(Connection::new(ConnectionId::new(), identity, WireFormat::Json, tx))
 }

@@ -290,7 +290,9 @@ pub struct Config {
     #[serde(with = "duration_serde")]
     pub shutdown_grace: Duration,
 
-    /// Per-connection WebSocket read buffer, in bytes. At least 256. Default 4096.
+    /// Per-connection WebSocket read buffer, in bytes: allocated for every connection and
+    /// the most read from the socket per system call (larger inbound messages still arrive,
+    /// in more reads). At least 256. Default 1024, sized for the 8 KiB idle-connection budget.
     pub read_buffer_size: usize,
 
     /// Outbound bytes a connection gathers before writing them to the socket; the driver also
@@ -482,7 +484,7 @@ impl Default for Config {
             drain_close_code: 4300,
             drain_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
-            read_buffer_size: 4096,
+            read_buffer_size: 1024,
             write_buffer_size: 16 * 1024,
             circuit_breaker: true,
             circuit_breaker_failure_rate: 0.5,
@@ -1277,7 +1279,7 @@ mod tests {
         assert_eq!(c.drain_close_code, 4300);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
-        assert_eq!(c.read_buffer_size, 4096);
+        assert_eq!(c.read_buffer_size, 1024);
         assert_eq!(c.write_buffer_size, 16 * 1024);
         assert_eq!(c.log, "info");
         assert!(c.circuit_breaker);

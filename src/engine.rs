@@ -587,7 +587,7 @@ impl Engine {
 
     /// Closes one connection with `code` and `reason`.
     pub fn disconnect(&self, id: ConnectionId, code: CloseCode, reason: &str) -> bool {
-        self.inner.registry.get(id).is_some_and(|c| c.deliver(Delivery::Close(code, reason.to_owned())))
+        self.inner.registry.get(id).is_some_and(|c| c.deliver(Delivery::Close(Box::new((code, reason.to_owned())))))
     }
 
     /// What the engine knows about one registered connection.

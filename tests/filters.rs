@@ -186,8 +186,8 @@ fn invalid_filters_are_refused_with_a_reason() {
     }
 }
 
-fn bus_connection() -> (Arc<Connection>, tokio::sync::mpsc::Receiver<Delivery>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+fn bus_connection() -> (Arc<Connection>, wsengine::services::connection::DeliveryReceiver) {
+    let (tx, rx) = wsengine::services::connection::delivery_channel(64);
     (Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx)), rx)
 }
 

@@ -16,11 +16,10 @@
 //! ```
 
 use bytes::Bytes;
-use flate2::{Compression, Decompress, FlushDecompress, Status, write::ZlibEncoder};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::fmt;
-use std::io::Write;
 use tungstenite::{Message, Utf8Bytes};
 
 use crate::envelope::{Envelope, InboundMessage};
@@ -314,12 +313,35 @@ fn json_depth_exceeds(json: &[u8], max_depth: usize) -> bool {
 /// `"C:"` ‖ zlib (RFC 1950) of `json` at `level`, clamped to 1–9 (1 is the protocol's
 /// recommendation: stream header `78 01`).
 pub fn compress(json: &[u8], level: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(json.len() / 2 + 16);
-    out.extend_from_slice(PREFIX_COMPRESSED);
-    let mut enc = ZlibEncoder::new(out, Compression::new(level.clamp(1, 9)));
-    // Writing into a Vec cannot fail.
-    enc.write_all(json).expect("zlib into Vec");
-    enc.finish().expect("zlib into Vec")
+    thread_local! {
+        // A zlib compressor carries a few hundred KB of tables; building one per frame cost
+        // far more than compressing a small frame, so each thread keeps one and resets it.
+        static COMPRESSOR: std::cell::RefCell<Option<(u32, Compress)>> = const { std::cell::RefCell::new(None) };
+    }
+    let level = level.clamp(1, 9);
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(kept, _)| *kept != level) {
+            *slot = Some((level, Compress::new(Compression::new(level), true)));
+        }
+        let (_, compressor) = slot.as_mut().expect("set just above");
+        compressor.reset();
+        let mut out = Vec::with_capacity(json.len() / 2 + 64);
+        out.extend_from_slice(PREFIX_COMPRESSED);
+        let mut input = json;
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity());
+            }
+            let before = compressor.total_in();
+            // Compressing into memory cannot fail.
+            let status = compressor.compress_vec(input, &mut out, FlushCompress::Finish).expect("zlib into memory");
+            input = &input[usize::try_from(compressor.total_in() - before).expect("bounded by input")..];
+            if status == Status::StreamEnd {
+                return out;
+            }
+        }
+    })
 }
 
 /// Inflates a zlib stream, refusing with [`DecodeError::InflateTooLarge`] as soon as the

@@ -280,7 +280,9 @@ impl SessionKey {
 /// [`Connection::shared`].
 #[derive(Debug, Default)]
 pub struct E2eSession {
-    key: OnceLock<SessionKey>,
+    // Boxed: the expanded AES key schedule is most of this struct, and most connections
+    // never exchange a key (the idle-connection memory budget is 8 KiB).
+    key: OnceLock<Box<SessionKey>>,
     dropped: AtomicU64,
     last_error: Mutex<Option<Instant>>,
 }
@@ -288,7 +290,7 @@ pub struct E2eSession {
 impl E2eSession {
     /// The session key, once the exchange has completed.
     pub fn key(&self) -> Option<&SessionKey> {
-        self.key.get()
+        self.key.get().map(|key| &**key)
     }
 
     /// Whether the exchange has completed.
@@ -298,7 +300,7 @@ impl E2eSession {
 
     /// Installs the key; `false` if the connection already had one (it never re-keys).
     pub fn install(&self, key: SessionKey) -> bool {
-        self.key.set(key).is_ok()
+        self.key.set(Box::new(key)).is_ok()
     }
 
     /// Inbound `E:` frames dropped so far (no key, too short, tag failure).
@@ -711,7 +713,7 @@ where
             if self.sealed == self.layer.key_usage_limit {
                 self.sealed += 1;
                 let reason = "Encryption key usage limit reached".to_owned();
-                self.layer.connection.deliver(Delivery::Close(CloseCode::INTERNAL, reason));
+                self.layer.connection.deliver(Delivery::Close(Box::new((CloseCode::INTERNAL, reason))));
             }
             return Either::Left(ready(Err("encryption key usage limit reached; frame not sent".into())));
         }
@@ -811,8 +813,8 @@ mod tests {
         assert!(!format!("{key:?}").contains('7'));
     }
 
-    fn connection() -> (Arc<Connection>, tokio::sync::mpsc::Receiver<Delivery>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+    fn connection() -> (Arc<Connection>, wsengine_services::connection::DeliveryReceiver) {
+        let (tx, rx) = wsengine_services::connection::delivery_channel(4);
         (Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx)), rx)
     }
 
@@ -868,6 +870,6 @@ mod tests {
         let refused = service.ready().await.unwrap().call(event_frame(OutboundKind::Event, "{}")).await;
         assert!(refused.is_err());
         assert_eq!(seen.lock().unwrap().len(), 2);
-        assert!(matches!(rx.try_recv(), Ok(Delivery::Close(CloseCode::INTERNAL, _))));
+        assert!(matches!(rx.try_recv(), Ok(Delivery::Close(close)) if close.0 == CloseCode::INTERNAL));
     }
 }

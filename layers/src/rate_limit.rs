@@ -552,7 +552,6 @@ where
 mod tests {
     use super::*;
     use serde_json::Value;
-    use tokio::sync::mpsc;
     use tower::ServiceExt;
     use tower_test::mock;
     use wsengine_core::{Frame, WireFormat};
@@ -560,7 +559,7 @@ mod tests {
     use wsengine_services::message::InboundBody;
 
     fn connection(user: Option<&str>) -> Arc<Connection> {
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = wsengine_services::connection::delivery_channel(1);
         let identity = user.map(|user| Identity { user_id: user.to_owned() });
         Arc::new(Connection::new(ConnectionId::new(), identity, WireFormat::Json, tx))
     }

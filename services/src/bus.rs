@@ -13,7 +13,7 @@
 //! use wsengine_services::publication::Publication;
 //!
 //! let bus = MemoryBus::new();
-//! let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+//! let (tx, mut rx) = wsengine_services::connection::delivery_channel(8);
 //! let connection = Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx));
 //! bus.subscribe(&connection, "prices.*");
 //! let report = bus.publish(Publication::new("prices.aapl", Envelope::new("tick", serde_json::json!({})))).await.unwrap();
@@ -307,8 +307,8 @@ mod tests {
     use super::*;
     use wsengine_core::{Envelope, WireFormat};
 
-    fn connection(capacity: usize) -> (Arc<Connection>, tokio::sync::mpsc::Receiver<Delivery>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    fn connection(capacity: usize) -> (Arc<Connection>, crate::connection::DeliveryReceiver) {
+        let (tx, rx) = crate::connection::delivery_channel(capacity);
         (Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx)), rx)
     }
 

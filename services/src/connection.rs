@@ -16,18 +16,17 @@
 //! // Layers of one connection share state through `Connection::shared`.
 //! use std::sync::atomic::{AtomicU32, Ordering};
 //! use wsengine_services::connection::Connection;
-//! let (tx, _rx) = tokio::sync::mpsc::channel(1);
+//! let (tx, _rx) = wsengine_services::connection::delivery_channel(1);
 //! let connection = Connection::new(ConnectionId::new(), None, wsengine_core::WireFormat::Json, tx);
 //! connection.shared::<AtomicU32>().fetch_add(1, Ordering::Relaxed);
 //! assert_eq!(connection.shared::<AtomicU32>().load(Ordering::Relaxed), 1);
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use tokio::sync::mpsc;
 use wsengine_core::codes::CloseCode;
 use wsengine_core::{Envelope, WireFormat};
 
@@ -75,12 +74,134 @@ pub enum Delivery {
     Publication(Arc<Publication>),
     /// A per-connection application event.
     Event(Box<Envelope>),
-    /// Close the connection with this code and reason.
-    Close(CloseCode, String),
+    /// Close the connection with this code and reason (boxed: rare, and it would double the
+    /// size of every slot in the delivery channel).
+    Close(Box<(CloseCode, String)>),
+}
+
+/// A bounded channel of deliveries for one connection's driver.
+///
+/// Unlike a general-purpose channel it allocates nothing until something is sent and gives
+/// its buffer back once drained, because every idle connection carries one (the idle
+/// connection budget is 8 KiB).
+pub fn delivery_channel(capacity: usize) -> (DeliverySender, DeliveryReceiver) {
+    let shared = Arc::new(DeliveryShared {
+        capacity: capacity.max(1),
+        state: Mutex::new(DeliveryState { items: VecDeque::new(), waker: None, senders: 1 }),
+    });
+    (DeliverySender { shared: Arc::clone(&shared) }, DeliveryReceiver { shared })
+}
+
+#[derive(Debug)]
+struct DeliveryShared {
+    capacity: usize,
+    state: Mutex<DeliveryState>,
+}
+
+#[derive(Debug)]
+struct DeliveryState {
+    items: VecDeque<Delivery>,
+    waker: Option<std::task::Waker>,
+    senders: usize,
+}
+
+impl DeliveryShared {
+    fn state(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The sending side of a connection's delivery channel.
-pub type DeliverySender = mpsc::Sender<Delivery>;
+#[derive(Debug)]
+pub struct DeliverySender {
+    shared: Arc<DeliveryShared>,
+}
+
+/// The channel is full (the connection is not keeping up); the delivery comes back.
+#[derive(Debug)]
+pub struct Full(pub Delivery);
+
+impl DeliverySender {
+    /// Queues a delivery without waiting.
+    pub fn try_send(&self, delivery: Delivery) -> Result<(), Full> {
+        let waker = {
+            let mut state = self.shared.state();
+            if state.items.len() >= self.shared.capacity {
+                return Err(Full(delivery));
+            }
+            state.items.push_back(delivery);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+}
+
+impl Clone for DeliverySender {
+    fn clone(&self) -> Self {
+        self.shared.state().senders += 1;
+        DeliverySender { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl Drop for DeliverySender {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.state();
+            state.senders -= 1;
+            if state.senders == 0 { state.waker.take() } else { None }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The receiving side of a connection's delivery channel (held by its driver).
+#[derive(Debug)]
+pub struct DeliveryReceiver {
+    shared: Arc<DeliveryShared>,
+}
+
+/// Nothing is waiting in the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Empty;
+
+impl DeliveryReceiver {
+    /// The next delivery; `None` once every sender is gone and the channel is empty.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next delivery.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Delivery>> {
+        let mut state = self.shared.state();
+        match Self::pop(&mut state) {
+            Some(delivery) => std::task::Poll::Ready(Some(delivery)),
+            None if state.senders == 0 => std::task::Poll::Ready(None),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// The next delivery if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Delivery, Empty> {
+        Self::pop(&mut self.shared.state()).ok_or(Empty)
+    }
+
+    fn pop(state: &mut DeliveryState) -> Option<Delivery> {
+        let delivery = state.items.pop_front();
+        if state.items.is_empty() && state.items.capacity() > 0 {
+            // Drained: give the buffer back so an idle connection holds none.
+            state.items = VecDeque::new();
+        }
+        delivery
+    }
+}
 
 /// The authenticated identity of a connection, put into the upgrade request's extensions by a
 /// handshake layer (an auth layer, or the application).

@@ -17,7 +17,7 @@
 //! use wsengine_services::message::{Inbound, OutboundBody};
 //!
 //! let context = Arc::new(DispatchContext::new(Arc::new(MemoryBus::new())));
-//! let (tx, _rx) = tokio::sync::mpsc::channel(8);
+//! let (tx, _rx) = wsengine_services::connection::delivery_channel(8);
 //! let connection = Arc::new(Connection::new(ConnectionId::new(), None, WireFormat::Json, tx));
 //! let mut dispatch = Dispatch::new(context, connection);
 //! let ping: serde_json::Value = serde_json::json!({"t": "ping", "p": {"timestamp": 5}});

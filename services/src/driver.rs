@@ -28,7 +28,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tower::util::BoxService;
 use tower::{Service, ServiceExt};
@@ -39,7 +39,7 @@ use wsengine_core::codes::CloseCode;
 use wsengine_core::{ErrorCode, Frame, ProtocolError};
 
 use crate::bus::Bus;
-use crate::connection::{Connection, Delivery, Registry};
+use crate::connection::{Connection, Delivery, DeliveryReceiver, Registry};
 use crate::dispatch::DispatchContext;
 use crate::message::{BoxError, Inbound, Outbound, Reply, error_reply};
 use crate::queue::QueueReader;
@@ -104,7 +104,7 @@ pub struct Session {
     /// The driver's end of the outbound queue at the bottom of `outbound`.
     pub queue: QueueReader,
     /// Deliveries from the bus, direct sends and broadcasts.
-    pub deliveries: mpsc::Receiver<Delivery>,
+    pub deliveries: DeliveryReceiver,
     /// Engine-wide state (for `server_ready`).
     pub context: Arc<DispatchContext>,
     /// Where the connection registers once `server_ready` is queued.
@@ -114,6 +114,9 @@ pub struct Session {
     /// Engine shutdown and drain.
     pub shutdown: watch::Receiver<Shutdown>,
 }
+
+/// Inbound frames already buffered that are handled before the replies are written.
+const INBOUND_BATCH: usize = 64;
 
 /// Deliveries taken per wake-up before inbound reads get a turn.
 const DELIVERY_BATCH: usize = 64;
@@ -195,9 +198,18 @@ where
                 }
             }
             read = stream.next() => {
-                match receive(read, &mut inbound, &mut outbound, &mut last_activity, &mut needs_flush).await {
-                    Step::Continue => {}
-                    Step::Close(close) => break close,
+                let mut step = receive(read, &mut inbound, &mut outbound, &mut last_activity, &mut needs_flush).await;
+                // Frames that already arrived are answered before writing, so the replies to a
+                // pipelining client share one write instead of one system call each.
+                for _ in 1..INBOUND_BATCH {
+                    if !matches!(step, Step::Continue) {
+                        break;
+                    }
+                    let Some(read) = stream.next().now_or_never() else { break };
+                    step = receive(read, &mut inbound, &mut outbound, &mut last_activity, &mut needs_flush).await;
+                }
+                if let Step::Close(close) = step {
+                    break close;
                 }
             }
             _ = ticker.tick() => {
@@ -344,7 +356,7 @@ async fn deliver(outbound: &mut OutboundService, delivery: Delivery) -> Option<(
     match delivery {
         Delivery::Publication(publication) => send(outbound, Outbound::publication(publication)).await,
         Delivery::Event(envelope) => send(outbound, Outbound::event(*envelope)).await,
-        Delivery::Close(code, reason) => return Some((code, reason)),
+        Delivery::Close(close) => return Some(*close),
     }
     None
 }

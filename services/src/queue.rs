@@ -806,7 +806,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_gauge_follows_the_queue() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let (tx, _rx) = crate::connection::delivery_channel(1);
         let connection =
             Connection::new(crate::connection::ConnectionId::new(), None, wsengine_core::WireFormat::Json, tx);
         let (queue, reader) = OutboundQueue::for_connection(&connection, limits(1 << 20, 1));

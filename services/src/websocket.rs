@@ -29,13 +29,13 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_tungstenite::HyperWebsocketStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tower::Service;
 use tungstenite::protocol::WebSocketConfig;
 use wsengine_core::WireFormat;
 
 use crate::acl::TopicAcl;
-use crate::connection::{AuthRejection, Connection, ConnectionId, Identity, Registry, Slot};
+use crate::connection::{AuthRejection, Connection, ConnectionId, Identity, Registry, Slot, delivery_channel};
 use crate::dispatch::{Dispatch, DispatchContext};
 use crate::driver::{self, DriverSettings, InboundService, OutboundService, Session, Shutdown};
 use crate::queue::{OutboundQueue, QueueLimits};
@@ -143,7 +143,7 @@ impl Connector {
 
     /// Builds a connection's state, stacks and queue.
     pub fn session(&self, identity: Option<Identity>, format: WireFormat) -> Session {
-        let (tx, deliveries) = mpsc::channel(self.settings.delivery_capacity);
+        let (tx, deliveries) = delivery_channel(self.settings.delivery_capacity);
         let connection = Arc::new(Connection::new(ConnectionId::new(), identity, format, tx));
         let limits = QueueLimits {
             bytes: self.settings.queue_bytes,

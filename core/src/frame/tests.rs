@@ -1,6 +1,8 @@
 use super::*;
+use flate2::write::ZlibEncoder;
 use proptest::prelude::*;
 use serde_json::json;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 fn limits() -> Limits {
