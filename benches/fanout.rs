@@ -207,13 +207,19 @@ fn variants() -> Vec<Variant> {
 
 fn throughput(reps: usize) -> Vec<f64> {
     // (variant, subscribers, payload bytes, publications)
-    let cases: [(usize, usize, usize, u64); 6] = [
+    let cases: &[(usize, usize, usize, u64)] = &[
+        (0, 1, 100, 100_000),
         (0, 100, 100, 20_000),
         (0, 1000, 100, 2_000),
+        (0, 10_000, 100, 200),
+        (0, 1, 2048, 50_000),
         (0, 100, 2048, 5_000),
         (0, 1000, 2048, 500),
+        (0, 10_000, 2048, 50),
+        (1, 1, 2048, 50_000),
         (1, 100, 2048, 5_000),
         (1, 1000, 2048, 500),
+        (1, 10_000, 2048, 50),
     ];
     let variants = variants();
     let mut rows = Vec::new();

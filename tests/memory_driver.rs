@@ -1,77 +1,26 @@
 //! The connection driver over in-memory channels with a paused clock: the same stacks and
 //! loop as a real socket, with time under the test's control.
 
-use std::pin::Pin;
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{Sink, Stream};
+use common::memory::{MemorySocket, ReadGate, memory_socket};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use wsengine::services::tungstenite::{Error as WsError, Message};
 use wsengine::{Admission, Config, Engine, Envelope};
 
-/// One end of an in-memory WebSocket: the test holds the other end.
-struct MemorySocket {
-    incoming: mpsc::UnboundedReceiver<Result<Message, WsError>>,
-    outgoing: mpsc::UnboundedSender<Message>,
-    /// While set, the sink reports no room (a client that stopped reading).
-    stall: Arc<Stall>,
-}
-
-#[derive(Default)]
-struct Stall {
-    stalled: AtomicBool,
-    waker: std::sync::Mutex<Option<std::task::Waker>>,
-}
-
-impl Stall {
-    fn set(&self, stalled: bool) {
-        self.stalled.store(stalled, Ordering::SeqCst);
-        if let Some(waker) = self.waker.lock().unwrap().take() {
-            waker.wake();
-        }
-    }
-}
-
 struct Peer {
     to_server: mpsc::UnboundedSender<Result<Message, WsError>>,
     from_server: mpsc::UnboundedReceiver<Message>,
-    stall: Arc<Stall>,
+    stall: Arc<ReadGate>,
 }
 
 fn pair() -> (MemorySocket, Peer) {
-    let (to_server, incoming) = mpsc::unbounded_channel();
-    let (outgoing, from_server) = mpsc::unbounded_channel();
-    let stall = Arc::new(Stall::default());
-    (MemorySocket { incoming, outgoing, stall: Arc::clone(&stall) }, Peer { to_server, from_server, stall })
-}
-
-impl Stream for MemorySocket {
-    type Item = Result<Message, WsError>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.incoming.poll_recv(cx)
-    }
-}
-
-impl Sink<Message> for MemorySocket {
-    type Error = WsError;
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        // Like a full TCP send buffer: pending until the peer reads again.
-        *self.stall.waker.lock().unwrap() = Some(cx.waker().clone());
-        if self.stall.stalled.load(Ordering::SeqCst) { Poll::Pending } else { Poll::Ready(Ok(())) }
-    }
-    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
-        self.outgoing.send(item).map_err(|_| WsError::ConnectionClosed)
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Poll::Ready(Ok(()))
-    }
+    let (socket, ends) = memory_socket();
+    (socket, Peer { to_server: ends.to_server, from_server: ends.from_server, stall: ends.gate })
 }
 
 impl Peer {
@@ -188,7 +137,7 @@ async fn a_stalled_consumer_is_closed_with_1013_and_memory_stays_bounded() {
         p.send(json!({"t": "subscription_update", "p": {"topics": ["flood"]}}));
         assert_eq!(p.recv_json().await["t"], "subscription_update");
     }
-    peer.stall.set(true);
+    peer.stall.set_stopped(true);
     let payload = "x".repeat(500);
     for n in 0..2000 {
         engine.publish("flood", Envelope::new("tick", json!({"n": n, "pad": payload}))).await.unwrap();
@@ -202,7 +151,7 @@ async fn a_stalled_consumer_is_closed_with_1013_and_memory_stays_bounded() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(engine.connection_info(stalled_id).is_none(), "unregistered once the close was decided");
     // The peer reads again during the close grace period: it sees the queued frames, then the close.
-    peer.stall.set(false);
+    peer.stall.set_stopped(false);
     assert_eq!(peer.recv_close().await, 1013);
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("driver ended").unwrap();
     assert_eq!(engine.connection_count(), 1);

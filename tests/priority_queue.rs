@@ -5,82 +5,30 @@
 //! Connections run over in-memory sockets with a paused clock (the same stacks and driver as a
 //! TCP connection), so "the client stopped reading" is exact and timing is deterministic.
 
-use std::pin::Pin;
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures_util::{Sink, Stream};
+use common::memory::{MemoryEnds, ReadGate, memory_socket};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use wsengine::services::connection::ConnectionId;
 use wsengine::services::tungstenite::{Error as WsError, Message};
 use wsengine::{Admission, Config, Engine, Envelope};
 
-/// The server's end of an in-memory WebSocket.
-struct MemorySocket {
-    incoming: mpsc::UnboundedReceiver<Result<Message, WsError>>,
-    outgoing: mpsc::UnboundedSender<Message>,
-    reading: Arc<Reading>,
-}
-
-/// Whether the client reads; while it does not, the server's sink has no room (a full TCP
-/// send buffer).
-#[derive(Default)]
-struct Reading {
-    stopped: AtomicBool,
-    waker: std::sync::Mutex<Option<Waker>>,
-}
-
-impl Reading {
-    fn set_stopped(&self, stopped: bool) {
-        self.stopped.store(stopped, Ordering::SeqCst);
-        if let Some(waker) = self.waker.lock().unwrap().take() {
-            waker.wake();
-        }
-    }
-}
-
-impl Stream for MemorySocket {
-    type Item = Result<Message, WsError>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.incoming.poll_recv(cx)
-    }
-}
-
-impl Sink<Message> for MemorySocket {
-    type Error = WsError;
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        *self.reading.waker.lock().unwrap() = Some(cx.waker().clone());
-        if self.reading.stopped.load(Ordering::SeqCst) { Poll::Pending } else { Poll::Ready(Ok(())) }
-    }
-    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
-        self.outgoing.send(item).map_err(|_| WsError::ConnectionClosed)
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// The client's end.
 struct Client {
     id: ConnectionId,
     to_server: mpsc::UnboundedSender<Result<Message, WsError>>,
     from_server: mpsc::UnboundedReceiver<Message>,
-    reading: Arc<Reading>,
+    reading: Arc<ReadGate>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
     async fn connect(engine: &Engine) -> Client {
-        let (to_server, incoming) = mpsc::unbounded_channel();
-        let (outgoing, from_server) = mpsc::unbounded_channel();
-        let reading = Arc::new(Reading::default());
-        let socket = MemorySocket { incoming, outgoing, reading: Arc::clone(&reading) };
+        let (socket, MemoryEnds { to_server, from_server, gate: reading }) = memory_socket();
         let engine_ = engine.clone();
         let task = tokio::spawn(async move { engine_.run_connection(socket, Admission::default()).await.unwrap() });
         let mut client = Client { id: ConnectionId::new(), to_server, from_server, reading, task };

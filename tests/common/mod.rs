@@ -2,6 +2,8 @@
 //! client, and a raw WebSocket socket for frames no well-behaved client would send.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod memory;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
