@@ -12,8 +12,10 @@
 //! WSENGINE_BENCH_REPS=9 WSENGINE_BENCH_SECS=2 cargo bench --bench crypto
 //! ```
 
+mod common;
+
+use common::{env_number, measure};
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use wsengine::layers::encrypt::SessionKey;
@@ -21,33 +23,6 @@ use wsengine::layers::sign::Signer;
 
 /// One benchmarked operation.
 type Operation<'a> = Box<dyn FnMut() + 'a>;
-
-fn env_number(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Median ns per call of `op` over `reps` rounds of `seconds` each.
-fn measure(mut op: impl FnMut(), reps: usize, seconds: f64) -> f64 {
-    let round = Duration::from_secs_f64(seconds);
-    let warmup = Instant::now();
-    while warmup.elapsed() < round / 2 {
-        op();
-    }
-    let mut rounds = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let started = Instant::now();
-        let mut done = 0u64;
-        while started.elapsed() < round {
-            for _ in 0..8 {
-                op();
-            }
-            done += 8;
-        }
-        rounds.push(started.elapsed().as_nanos() as f64 / done as f64);
-    }
-    rounds.sort_by(f64::total_cmp);
-    rounds[rounds.len() / 2]
-}
 
 /// A message whose compact JSON is `size` bytes: an envelope with a text payload.
 fn message(size: usize) -> Map<String, Value> {

@@ -11,6 +11,9 @@
 //! WSENGINE_BENCH_REPS=9 WSENGINE_BENCH_SECS=2 cargo bench --bench jwt
 //! ```
 
+mod common;
+
+use common::env_number;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -19,10 +22,6 @@ use serde_json::json;
 use wsengine::layers::auth::{JwtAlgorithm, JwtVerifier};
 
 const SECRET: &[u8] = b"test-only-secret-0123456789abcdef";
-
-fn env_number(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")

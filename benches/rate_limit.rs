@@ -15,8 +15,10 @@
 //! cargo bench --bench rate_limit
 //! ```
 
+mod common;
+
+use common::{env_number, measure};
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use serde_json::json;
@@ -26,33 +28,6 @@ use wsengine::core::{Frame, WireFormat};
 use wsengine::layers::rate_limit::{InboundRateLimitLayer, OutboundRateLimitLayer, Rate, UserRateLimiter};
 use wsengine::services::connection::{Connection, ConnectionId, Identity};
 use wsengine::services::message::{BoxError, Inbound, Outbound, Reply};
-
-fn env_number(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Median ns per call of `op` over `reps` rounds of `seconds` each.
-fn measure(mut op: impl FnMut(), reps: usize, seconds: f64) -> f64 {
-    let round = Duration::from_secs_f64(seconds);
-    let warmup = Instant::now();
-    while warmup.elapsed() < round / 2 {
-        op();
-    }
-    let mut rounds = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let started = Instant::now();
-        let mut done = 0u64;
-        while started.elapsed() < round {
-            for _ in 0..8 {
-                op();
-            }
-            done += 8;
-        }
-        rounds.push(started.elapsed().as_nanos() as f64 / done as f64);
-    }
-    rounds.sort_by(f64::total_cmp);
-    rounds[rounds.len() / 2]
-}
 
 fn connection(user: &str) -> std::sync::Arc<Connection> {
     let (tx, _) = wsengine::services::connection::delivery_channel(1);

@@ -491,3 +491,31 @@ pub(crate) fn http_get(addr: &str, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
+
+/// A number from the environment variable `name`, or `default`.
+pub(crate) fn env_number(name: &str, default: f64) -> f64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Median ns per call of `op` over `reps` rounds of `seconds` each.
+pub(crate) fn measure(mut op: impl FnMut(), reps: usize, seconds: f64) -> f64 {
+    let round = Duration::from_secs_f64(seconds);
+    let warmup = Instant::now();
+    while warmup.elapsed() < round / 2 {
+        op();
+    }
+    let mut rounds = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let started = Instant::now();
+        let mut done = 0u64;
+        while started.elapsed() < round {
+            for _ in 0..8 {
+                op();
+            }
+            done += 8;
+        }
+        rounds.push(started.elapsed().as_nanos() as f64 / done as f64);
+    }
+    rounds.sort_by(f64::total_cmp);
+    rounds[rounds.len() / 2]
+}
