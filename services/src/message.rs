@@ -280,10 +280,7 @@ impl Outbound {
     /// A shared publication, kept in order with the other publications of its topic (or with
     /// the other broadcasts).
     pub fn publication(publication: Arc<Publication>) -> Self {
-        let stream = match publication.topic() {
-            Some(topic) => OrderKey::topic(topic),
-            None => OrderKey::broadcast(),
-        };
+        let stream = publication.order_key();
         Outbound {
             kind: OutboundKind::Publication,
             priority: publication.priority(),

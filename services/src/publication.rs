@@ -27,7 +27,7 @@ use tungstenite::Utf8Bytes;
 use wsengine_core::frame::compress;
 use wsengine_core::{Envelope, Frame, Stamp, WireFormat};
 
-use crate::message::priority;
+use crate::message::{OrderKey, priority};
 
 /// Computes the `sig` of a publication (PROTOCOL.md §8.4). The publication calls it at most
 /// once, after stamping and before the first encoding, so every subscriber and every replay
@@ -51,6 +51,8 @@ pub struct Publication {
     json: OnceLock<Utf8Bytes>,
     compressed: OnceLock<Option<Bytes>>,
     msgpack: OnceLock<Bytes>,
+    /// The outbound-queue ordering key, computed once rather than once per subscriber.
+    order_key: OnceLock<OrderKey>,
 }
 
 /// The content with its `sig` in place.
@@ -102,6 +104,7 @@ impl Publication {
             json: OnceLock::new(),
             compressed: OnceLock::new(),
             msgpack: OnceLock::new(),
+            order_key: OnceLock::new(),
         }
     }
 
@@ -128,6 +131,7 @@ impl Publication {
             json: OnceLock::new(),
             compressed: OnceLock::new(),
             msgpack: OnceLock::new(),
+            order_key: OnceLock::new(),
         })
     }
 
@@ -240,6 +244,15 @@ impl Publication {
     /// Delivery priority.
     pub fn priority(&self) -> u8 {
         self.priority
+    }
+
+    /// The key that keeps this publication in order with the others of its topic (or with
+    /// the other broadcasts) in every subscriber's outbound queue.
+    pub fn order_key(&self) -> OrderKey {
+        *self.order_key.get_or_init(|| match self.topic() {
+            Some(topic) => OrderKey::topic(topic),
+            None => OrderKey::broadcast(),
+        })
     }
 
     /// The plain JSON text, encoded on first use.
