@@ -3,7 +3,9 @@
 //! It decodes every frame form the engine sends (text JSON, binary JSON, `C:` zlib, `M:`
 //! msgpack, and `E:` once [`Client::hello_encrypted`] has agreed a key), answers the server's
 //! heartbeat `ping` by itself, and keeps messages that arrive while it waits for an answer, so
-//! nothing is lost between calls.
+//! nothing is lost between calls. `C:` needs the `compression` cargo feature and `M:` the
+//! `msgpack` one; without them such frames are [`ClientError::Undecodable`], and the client
+//! tells the server it takes no compression.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), wsengine::client::ClientError> {
@@ -29,7 +31,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsengine_core::Limits;
-use wsengine_core::frame::{decode_msgpack, inflate_capped};
+#[cfg(feature = "msgpack")]
+use wsengine_core::frame::decode_msgpack;
+#[cfg(feature = "compression")]
+use wsengine_core::frame::inflate_capped;
 
 /// How long the client waits for `server_ready` and for answers.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,6 +93,8 @@ pub struct Client {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     server_ready: Value,
     pending: VecDeque<Value>,
+    /// Caps for inflating `C:` and decoding `M:` frames (unused when both features are off).
+    #[cfg_attr(not(any(feature = "compression", feature = "msgpack")), allow(dead_code))]
     limits: Limits,
     seq: u64,
     /// The end-to-end session key, once `hello_encrypted` agreed one; from then on every
@@ -135,7 +142,7 @@ impl Client {
 
     /// Sends `client_hello` and returns the `server_hello`.
     pub async fn hello(&mut self) -> Result<Value, ClientError> {
-        let features = json!({"compression": true, "encryption": false, "batching": true});
+        let features = json!({"compression": cfg!(feature = "compression"), "encryption": false, "batching": true});
         self.send(
             "client_hello",
             json!({"client_version": env!("CARGO_PKG_VERSION"), "protocol_version": 1, "features": features}),
@@ -151,7 +158,7 @@ impl Client {
     pub async fn hello_encrypted(&mut self) -> Result<Value, ClientError> {
         use wsengine_layers::encrypt::{EphemeralKeyPair, parse_public_key};
         let pair = EphemeralKeyPair::generate().map_err(|e| ClientError::Undecodable(e.to_string()))?;
-        let features = json!({"compression": true, "encryption": true, "batching": true});
+        let features = json!({"compression": cfg!(feature = "compression"), "encryption": true, "batching": true});
         let hello = json!({
             "client_version": env!("CARGO_PKG_VERSION"),
             "protocol_version": 1,
@@ -278,19 +285,15 @@ impl Client {
 
     fn decode_binary(&self, bytes: &[u8]) -> Result<Value, ClientError> {
         if let Some(zlib) = bytes.strip_prefix(b"C:") {
-            let json = inflate_capped(zlib, self.limits.max_inflated_size)
-                .map_err(|e| ClientError::Undecodable(e.to_string()))?;
-            parse_json(&json)
+            self.decode_compressed(zlib)
         } else if let Some(msgpack) = bytes.strip_prefix(b"M:") {
-            decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
+            self.decode_msgpack(msgpack)
         } else if bytes.starts_with(b"E:") {
             #[cfg(feature = "encryption")]
             if let Some(key) = &self.key {
                 let plaintext = key.open(bytes).map_err(|e| ClientError::Undecodable(e.to_string()))?;
                 return match plaintext.strip_prefix(b"M:") {
-                    Some(msgpack) => {
-                        decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
-                    }
+                    Some(msgpack) => self.decode_msgpack(msgpack),
                     None => parse_json(&plaintext),
                 };
             }
@@ -298,6 +301,30 @@ impl Client {
         } else {
             parse_json(bytes)
         }
+    }
+}
+
+impl Client {
+    #[cfg(feature = "compression")]
+    fn decode_compressed(&self, zlib: &[u8]) -> Result<Value, ClientError> {
+        let json =
+            inflate_capped(zlib, self.limits.max_inflated_size).map_err(|e| ClientError::Undecodable(e.to_string()))?;
+        parse_json(&json)
+    }
+
+    #[cfg(not(feature = "compression"))]
+    fn decode_compressed(&self, _zlib: &[u8]) -> Result<Value, ClientError> {
+        Err(ClientError::Undecodable("C: frame, but this client is built without the `compression` feature".into()))
+    }
+
+    #[cfg(feature = "msgpack")]
+    fn decode_msgpack(&self, msgpack: &[u8]) -> Result<Value, ClientError> {
+        decode_msgpack(msgpack, &self.limits).map_err(|e| ClientError::Undecodable(e.to_string()))
+    }
+
+    #[cfg(not(feature = "msgpack"))]
+    fn decode_msgpack(&self, _msgpack: &[u8]) -> Result<Value, ClientError> {
+        Err(ClientError::Undecodable("M: frame, but this client is built without the `msgpack` feature".into()))
     }
 }
 

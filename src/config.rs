@@ -220,7 +220,7 @@ pub struct Config {
     /// Presence (PROTOCOL.md §6.3.6): track the users of a topic whose subscription carried
     /// `p.presence` (or who got data from `Engine::set_presence`) and send `presence_join` /
     /// `presence_update` / `presence_leave` to its subscribers. When off, `p.presence` is
-    /// ignored. Default false.
+    /// ignored. Default false. Needs the `presence` cargo feature (on by default).
     pub presence_enabled: bool,
 
     /// Presence members (distinct users) per topic; 0 means unlimited. At the limit a new
@@ -270,6 +270,12 @@ pub struct Config {
     /// one-second windows is closed with 4429 `Rate limit exceeded`; 0 never closes.
     /// Default 10.
     pub rate_limit_close_windows: u32,
+
+    /// `C:` zlib compression of outbound data frames (PROTOCOL.md §3.2). Default `true` when
+    /// built with the `compression` cargo feature, `false` without it; `true` without the
+    /// feature fails validation. `server_ready` / `server_hello` announce it as
+    /// `features.compression`. Inbound `C:` frames are accepted whenever the feature is on.
+    pub compression: bool,
 
     /// Outbound messages strictly larger than this many bytes are compressed. Default 1024.
     pub compression_threshold: usize,
@@ -330,6 +336,30 @@ pub struct Config {
     /// opens it again. At least 1. Default 3.
     pub circuit_breaker_half_open_probes: u32,
 
+    /// Close a connection whose application messages keep failing in the handler with a final
+    /// `SERVER_ERROR` and close 1011 (PROTOCOL.md §12.1), through a circuit breaker of its own.
+    /// Only handler errors count, not protocol answers (`ProtocolError`s such as
+    /// `INVALID_REQUEST` or `CIRCUIT_BREAKER_OPEN`); the breaker is created at the connection's
+    /// first failure. Independent of `circuit_breaker`. Default true. Needs the
+    /// `circuit_breaker` cargo feature.
+    pub connection_breaker: bool,
+
+    /// Share of failed handler calls among a connection's recent ones that closes it, in
+    /// (0, 1]. Default 0.5.
+    pub connection_breaker_failure_rate: f64,
+
+    /// How many recent handler calls of a connection the window holds. At least 1. Default 20.
+    pub connection_breaker_window: usize,
+
+    /// Handler calls older than this leave a connection's window. Must be greater than zero.
+    /// Default 60 s.
+    #[serde(with = "duration_serde")]
+    pub connection_breaker_window_duration: Duration,
+
+    /// A connection is never closed with fewer handler calls than this in its window. Between
+    /// 1 and `connection_breaker_window`. Default 10.
+    pub connection_breaker_min_calls: usize,
+
     /// Dead letters kept per topic (handler failures count as one topic); the oldest is evicted
     /// first. Must be greater than zero. Default 1000.
     pub dlq_max_per_topic: usize,
@@ -349,7 +379,7 @@ pub struct Config {
 
     /// Recovery (PROTOCOL.md §9): stamp every topic publication with `tp` / `e` / `o`, keep a
     /// per-topic history and answer `recover: true` subscribes from it; announced as
-    /// `features.recovery`. Default false.
+    /// `features.recovery`. Default false. Needs the `recovery` cargo feature (on by default).
     pub recovery_enabled: bool,
 
     /// Publications kept per topic, rounded up to a power of two, at least 16. At most
@@ -382,8 +412,8 @@ pub struct Config {
     /// End-to-end encryption (PROTOCOL.md §7): `"off"`, `"optional"` (offered to clients that
     /// send a key in `client_hello`) or `"required"` (a `client_hello` without a usable key, or
     /// a plaintext application message, gets an error and close 1008; application data is
-    /// never sent in plaintext). Default `"optional"`. Needs the `encryption` cargo feature
-    /// (on by default) unless `"off"`.
+    /// never sent in plaintext). Default `"optional"` (`"off"` in a build without the
+    /// `encryption` cargo feature, which every other value needs).
     pub encryption: String,
 
     /// Message signing (PROTOCOL.md §8): `"off"`, `"verify"` (inbound signatures are checked
@@ -479,6 +509,8 @@ impl Default for Config {
             outbound_rate_capacity: 100_000,
             outbound_rate_refill: 10_000,
             rate_limit_close_windows: 10,
+            // Off without the cargo feature, so that the default configuration stays valid.
+            compression: cfg!(feature = "compression"),
             compression_threshold: 1024,
             compression_level: 1,
             drain_close_code: 4300,
@@ -493,6 +525,11 @@ impl Default for Config {
             circuit_breaker_min_calls: 10,
             circuit_breaker_open_timeout: Duration::from_secs(30),
             circuit_breaker_half_open_probes: 3,
+            connection_breaker: true,
+            connection_breaker_failure_rate: 0.5,
+            connection_breaker_window: 20,
+            connection_breaker_window_duration: Duration::from_secs(60),
+            connection_breaker_min_calls: 10,
             dlq_max_per_topic: 1000,
             dlq_max_entries: 100_000,
             dlq_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -504,7 +541,7 @@ impl Default for Config {
             recovery_memory: 256 << 20,
             publish_dedup_window: Duration::from_secs(60),
             snapshot_on_subscribe: false,
-            encryption: "optional".to_owned(),
+            encryption: if cfg!(feature = "encryption") { "optional" } else { "off" }.to_owned(),
             signing: "off".to_owned(),
             signing_secret: None,
             signing_previous_secret: None,
@@ -640,6 +677,12 @@ impl Config {
         if self.critical_grace.is_zero() {
             return fail("critical_grace", "must be greater than zero".to_owned());
         }
+        if self.compression && cfg!(not(feature = "compression")) {
+            return fail(
+                "compression",
+                "needs the `compression` cargo feature; set it to false or enable the feature".to_owned(),
+            );
+        }
         if !(1..=9).contains(&self.compression_level) {
             return fail("compression_level", format!("must be between 1 and 9, got {}", self.compression_level));
         }
@@ -697,9 +740,28 @@ impl Config {
         if self.circuit_breaker_half_open_probes == 0 {
             return fail("circuit_breaker_half_open_probes", "must be at least 1".to_owned());
         }
+        if !(self.connection_breaker_failure_rate > 0.0 && self.connection_breaker_failure_rate <= 1.0) {
+            return fail(
+                "connection_breaker_failure_rate",
+                format!("must be greater than 0 and at most 1, got {}", self.connection_breaker_failure_rate),
+            );
+        }
+        if self.connection_breaker_window == 0 {
+            return fail("connection_breaker_window", "must be at least 1 call".to_owned());
+        }
+        if !(1..=self.connection_breaker_window).contains(&self.connection_breaker_min_calls) {
+            return fail(
+                "connection_breaker_min_calls",
+                format!(
+                    "must be between 1 and connection_breaker_window ({}), got {}",
+                    self.connection_breaker_window, self.connection_breaker_min_calls
+                ),
+            );
+        }
         for (key, value) in [
             ("circuit_breaker_window_duration", self.circuit_breaker_window_duration),
             ("circuit_breaker_open_timeout", self.circuit_breaker_open_timeout),
+            ("connection_breaker_window_duration", self.connection_breaker_window_duration),
             ("dlq_ttl", self.dlq_ttl),
         ] {
             if value.is_zero() {
@@ -852,6 +914,18 @@ impl Config {
             return fail(
                 "encryption",
                 format!("must be \"off\", \"optional\" or \"required\", got {:?}", self.encryption),
+            );
+        }
+        if cfg!(not(feature = "recovery")) && self.recovery_enabled {
+            return fail(
+                "recovery_enabled",
+                "needs the `recovery` cargo feature; set it to false or enable the feature",
+            );
+        }
+        if cfg!(not(feature = "presence")) && self.presence_enabled {
+            return fail(
+                "presence_enabled",
+                "needs the `presence` cargo feature; set it to false or enable the feature",
             );
         }
         if cfg!(not(feature = "encryption")) && self.encryption != "off" {
@@ -1288,6 +1362,10 @@ mod tests {
         assert_eq!(c.circuit_breaker_window_duration, Duration::from_secs(60));
         assert_eq!(c.circuit_breaker_open_timeout, Duration::from_secs(30));
         assert_eq!(c.circuit_breaker_half_open_probes, 3);
+        assert!(c.connection_breaker);
+        assert_eq!(c.connection_breaker_failure_rate, 0.5);
+        assert_eq!((c.connection_breaker_window, c.connection_breaker_min_calls), (20, 10));
+        assert_eq!(c.connection_breaker_window_duration, Duration::from_secs(60));
         assert_eq!((c.dlq_max_per_topic, c.dlq_max_entries), (1000, 100_000));
         assert_eq!(c.dlq_ttl, Duration::from_secs(604_800));
         assert!(c.dlq_handler_failures);
@@ -1296,6 +1374,7 @@ mod tests {
         assert_eq!(Config::from_sources(None, Vec::new()).unwrap(), c);
     }
 
+    #[cfg(all(feature = "encryption", feature = "signing"))]
     #[test]
     fn encryption_and_signing_keys_are_checked() {
         let ok = Config::from_toml_str(
@@ -1311,6 +1390,21 @@ mod tests {
             ("signing_encoding = \"b32\"", "signing_encoding: must be \"base64\" or \"hex\", got \"b32\""),
         ] {
             assert_eq!(Config::from_toml_str(text).unwrap_err().to_string(), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn compression_key_follows_the_cargo_feature() {
+        assert_eq!(Config::default().compression, cfg!(feature = "compression"));
+        assert!(!Config::from_toml_str("compression = false").unwrap().compression);
+        let on = Config::from_toml_str("compression = true");
+        if cfg!(feature = "compression") {
+            assert!(on.unwrap().compression);
+        } else {
+            assert_eq!(
+                on.unwrap_err().to_string(),
+                "compression: needs the `compression` cargo feature; set it to false or enable the feature"
+            );
         }
     }
 
@@ -1523,6 +1617,24 @@ mod tests {
             ("circuit_breaker_half_open_probes = 0", "circuit_breaker_half_open_probes: must be at least 1"),
             ("circuit_breaker_open_timeout = 0", "circuit_breaker_open_timeout: must be greater than zero"),
             ("circuit_breaker_window_duration = 0", "circuit_breaker_window_duration: must be greater than zero"),
+            (
+                "connection_breaker_failure_rate = 0.0",
+                "connection_breaker_failure_rate: must be greater than 0 and at most 1, got 0",
+            ),
+            (
+                "connection_breaker_failure_rate = 2.0",
+                "connection_breaker_failure_rate: must be greater than 0 and at most 1, got 2",
+            ),
+            ("connection_breaker_window = 0", "connection_breaker_window: must be at least 1 call"),
+            (
+                "connection_breaker_min_calls = 0",
+                "connection_breaker_min_calls: must be between 1 and connection_breaker_window (20), got 0",
+            ),
+            (
+                "connection_breaker_window = 5\nconnection_breaker_min_calls = 6",
+                "connection_breaker_min_calls: must be between 1 and connection_breaker_window (5), got 6",
+            ),
+            ("connection_breaker_window_duration = 0", "connection_breaker_window_duration: must be greater than zero"),
             ("dlq_ttl = 0", "dlq_ttl: must be greater than zero"),
             ("dlq_max_per_topic = 0", "dlq_max_per_topic: must be greater than zero"),
             ("dlq_max_entries = 0", "dlq_max_entries: must be greater than zero"),

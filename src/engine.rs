@@ -10,7 +10,8 @@
 //!   decode → verify signature (when `signing` is on) → *user inbound layers* → dispatch;
 //! - outbound, outermost first: *user outbound layers* → outbound event rate limit (direct
 //!   sends and handler replies only) → sign (when `signing` is on and `sign_outbound`) →
-//!   encode (format, `seq`, `C:` compression) → encrypt (E2E connections) → outbound queue.
+//!   encode (format, `seq`, `C:` compression when the `compression` key is on) → encrypt (E2E
+//!   connections) → outbound queue.
 //!
 //! User inbound layers therefore see decoded, decrypted and verified messages just before
 //! dispatch, and user outbound layers see envelopes and publications before they are signed
@@ -23,8 +24,10 @@
 //!
 //! The circuit breakers are not in the inbound stack: they wrap the hooks dispatch calls (the
 //! application handler, the snapshot provider) and the bus publish of [`Engine::publish`], one
-//! engine-wide breaker each, so protocol traffic never meets them. Failed publishes and
-//! handler failures go to the dead-letter queue ([`Engine::dead_letters`],
+//! engine-wide breaker each, so protocol traffic never meets them. A per-connection breaker
+//! around each connection's handler calls closes a connection whose messages keep failing
+//! with 1011 (`connection_breaker`). Failed publishes and handler failures go to the
+//! dead-letter queue ([`Engine::dead_letters`],
 //! [`Engine::replay_dead_letters`]); see the `resilience` submodule.
 //!
 //! Before any of that, the upgrade request passes the handshake tier
@@ -66,9 +69,11 @@ use wsengine_services::dispatch::{Dispatch, DispatchContext, ProtocolSettings};
 use wsengine_services::driver::{DriverSettings, InboundService, OutboundService, Shutdown};
 use wsengine_services::handler::{Handler, NoHandler, SnapshotProvider};
 use wsengine_services::message::{BoxError, Inbound, Outbound, Reply};
-use wsengine_services::presence::{Presence, PresenceError, PresenceMember, PresenceSettings, PresenceStats};
+#[cfg(feature = "presence")]
+use wsengine_services::presence::{Presence, PresenceSettings};
 use wsengine_services::publication::Publication;
 use wsengine_services::queue::OutboundQueue;
+#[cfg(feature = "recovery")]
 use wsengine_services::recovery::RecoverySettings;
 use wsengine_services::tungstenite::protocol::WebSocketConfig;
 use wsengine_services::tungstenite::{Error as WsError, Message};
@@ -76,6 +81,8 @@ use wsengine_services::websocket::{Admission, Connector, ConnectorSettings, Stac
 
 use crate::config::{Config, ConfigError};
 
+#[cfg(feature = "presence")]
+mod presence;
 mod rate_limits;
 mod resilience;
 mod security;
@@ -203,6 +210,7 @@ struct Inner {
     handshake: crate::http::HandshakeLayers,
     resilience: resilience::Resilience,
     security: security::MessageSecurity,
+    #[cfg(feature = "presence")]
     presence: Option<Arc<Presence>>,
     #[cfg(feature = "tls")]
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -321,7 +329,9 @@ impl EngineBuilder {
             return Err(ConfigError::new("tls_cert", "this build of wsengine has no `tls` feature"));
         }
         let bus = self.bus.unwrap_or_else(|| {
+            #[cfg_attr(not(feature = "recovery"), allow(unused_mut))]
             let mut bus = MemoryBus::new().dedup_window(config.publish_dedup_window);
+            #[cfg(feature = "recovery")]
             if config.recovery_enabled {
                 bus = bus.recovery(RecoverySettings {
                     buffer_size: config.recovery_buffer_size,
@@ -339,20 +349,24 @@ impl EngineBuilder {
         };
         let (hooks, resilience) =
             resilience::Resilience::wrap(&config, self.handler, self.snapshots, self.dead_letters);
+        #[cfg(feature = "presence")]
         let presence = config.presence_enabled.then(|| {
             let settings = PresenceSettings { max_members: config.presence_max_members };
             Arc::new(Presence::new(Arc::clone(&bus), settings))
         });
         let context = Arc::new(DispatchContext {
+            #[cfg(feature = "presence")]
             presence: presence.clone(),
             bus: Arc::clone(&bus),
             handler: hooks.handler,
             snapshots: hooks.snapshots,
+            handler_guard: hooks.handler_guard,
             settings: ProtocolSettings {
                 ping_interval: config.ping_interval,
                 max_message_size: config.max_message_size,
                 max_subscriptions: config.max_subscriptions_per_connection,
                 jwt: handshake.jwt_mode(),
+                compression: config.compression,
                 outbound_rate: (config.outbound_rate_capacity.into(), config.outbound_rate_refill.into()),
                 inbound_rate: (config.inbound_rate_capacity.into(), config.inbound_rate_refill.into()),
                 recovery: config.recovery_enabled,
@@ -365,7 +379,7 @@ impl EngineBuilder {
         let stacks = self.stacks.unwrap_or_else(|| {
             Arc::new(StandardStacks {
                 limits,
-                compression: (config.compression_threshold, config.compression_level),
+                compression: config.compression.then_some((config.compression_threshold, config.compression_level)),
                 inbound_layers: self.inbound_layers,
                 outbound_layers: self.outbound_layers,
                 security: security.clone(),
@@ -409,6 +423,7 @@ impl EngineBuilder {
                 handshake,
                 resilience,
                 security,
+                #[cfg(feature = "presence")]
                 presence,
                 #[cfg(feature = "tls")]
                 tls,
@@ -420,7 +435,8 @@ impl EngineBuilder {
 /// The standard stacks of [`EngineBuilder`], in the order the module documentation gives.
 struct StandardStacks {
     limits: Limits,
-    compression: (usize, u32),
+    /// Threshold and level; `None` when the `compression` key is off.
+    compression: Option<(usize, u32)>,
     inbound_layers: Vec<InboundLayer>,
     outbound_layers: Vec<OutboundLayer>,
     security: security::MessageSecurity,
@@ -445,10 +461,10 @@ impl StackBuilder for StandardStacks {
     }
 
     fn outbound(&self, connection: &Arc<Connection>, queue: OutboundQueue) -> OutboundService {
-        let (threshold, level) = self.compression;
-        let encode = EncodeLayer::new(connection.format())
-            .compression(threshold, level)
-            .compression_switch(connection.compression_switch());
+        let mut encode = EncodeLayer::new(connection.format()).compression_switch(connection.compression_switch());
+        if let Some((threshold, level)) = self.compression {
+            encode = encode.compression(threshold, level);
+        }
         let mut service = BoxService::new(
             ServiceBuilder::new()
                 .option_layer(self.rate_limits.outbound(connection))
@@ -608,12 +624,22 @@ impl Engine {
         })
     }
 
-    /// Subscribes a connection to a topic or pattern on the application's behalf, with an
-    /// optional payload filter ([`Filter::intern`](wsengine_services::filter::Filter::intern)
-    /// shares equal filters); subscribing again replaces the filter. No ACL or subscription
-    /// limit applies. The connection is tracked for presence when it has data from
-    /// [`Engine::set_presence`]. Returns `Ok(false)` when there is no such connection.
-    pub fn subscribe(
+    /// Subscribes a connection to a topic or pattern on the application's behalf (without a
+    /// filter: subscribing again removes one). No ACL or subscription limit applies. The
+    /// connection is tracked for presence when it has data from `Engine::set_presence`.
+    /// Returns `Ok(false)` when there is no such connection.
+    pub fn subscribe(&self, id: ConnectionId, topic: &str) -> Result<bool, SendError> {
+        #[cfg(feature = "filters")]
+        return self.subscribe_filtered(id, topic, None);
+        #[cfg(not(feature = "filters"))]
+        self.add_subscription(id, topic)
+    }
+
+    /// Subscribes like [`Engine::subscribe`], with an optional payload filter
+    /// ([`Filter::intern`](wsengine_services::filter::Filter::intern) shares equal filters);
+    /// subscribing again replaces the filter.
+    #[cfg(feature = "filters")]
+    pub fn subscribe_filtered(
         &self,
         id: ConnectionId,
         topic: &str,
@@ -622,14 +648,24 @@ impl Engine {
         if !validate_topic(topic) {
             return Err(SendError::InvalidTopic);
         }
-        let Some(connection) = self.inner.registry.get(id) else { return Ok(false) };
-        let bus = &self.inner.bus;
-        if !bus.set_filter(id, topic, filter) {
+        if self.inner.registry.get(id).is_none() {
+            return Ok(false);
+        }
+        if !self.inner.bus.set_filter(id, topic, filter) {
             return Err(SendError::Bus("this bus does not support filters".into()));
         }
-        if connection.with_subscriptions(|s| s.insert(topic.to_owned())) {
-            bus.subscribe(&connection, topic);
+        self.add_subscription(id, topic)
+    }
+
+    fn add_subscription(&self, id: ConnectionId, topic: &str) -> Result<bool, SendError> {
+        if !validate_topic(topic) {
+            return Err(SendError::InvalidTopic);
         }
+        let Some(connection) = self.inner.registry.get(id) else { return Ok(false) };
+        if connection.with_subscriptions(|s| s.insert(topic.to_owned())) {
+            self.inner.bus.subscribe(&connection, topic);
+        }
+        #[cfg(feature = "presence")]
         if let Some(presence) = &self.inner.presence {
             presence.track(topic, &connection, None);
         }
@@ -644,37 +680,11 @@ impl Engine {
             return false;
         }
         self.inner.bus.unsubscribe(id, topic);
+        #[cfg(feature = "presence")]
         if let Some(presence) = &self.inner.presence {
             presence.untrack(topic, id);
         }
         true
-    }
-
-    /// The presence members of `topic` with their data, sorted by user id (PROTOCOL.md
-    /// §6.3.6); empty when presence is disabled.
-    pub fn presence(&self, topic: &str) -> Vec<PresenceMember> {
-        self.inner.presence.as_ref().map(|p| p.members(topic)).unwrap_or_default()
-    }
-
-    /// Member and connection counts of `topic`'s presence; zero when presence is disabled.
-    pub fn presence_stats(&self, topic: &str) -> PresenceStats {
-        self.inner.presence.as_ref().map(|p| p.stats(topic)).unwrap_or_default()
-    }
-
-    /// Assigns presence data (a JSON object of at most 4096 bytes) to a connection: it is
-    /// tracked with it on every topic it subscribed to (exact topics; `presence_join` or
-    /// `presence_update` go out), and on later subscriptions that carry no `p.presence`.
-    pub fn set_presence(&self, id: ConnectionId, data: &serde_json::Value) -> Result<(), PresenceError> {
-        let presence = self.inner.presence.as_ref().ok_or(PresenceError::Disabled)?;
-        let connection = self.inner.registry.get(id).ok_or(PresenceError::UnknownConnection)?;
-        let mut topics: Vec<String> = connection.with_subscriptions(|s| s.iter().cloned().collect());
-        topics.sort();
-        presence.assign(&connection, data, &topics)?;
-        // The connection may have closed meanwhile, after its driver released its presence.
-        if self.inner.registry.get(id).is_none() {
-            presence.release(id);
-        }
-        Ok(())
     }
 
     /// Registered connections.

@@ -311,6 +311,7 @@ where
                 Err(_) => error(StatusCode::PAYLOAD_TOO_LARGE, format!("body must be at most {limit} bytes")),
             }
         }
+        #[cfg(feature = "presence")]
         (&Method::GET, presence) if presence.starts_with("/api/presence/") => {
             if !authorized(&engine, &request) {
                 return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
@@ -328,6 +329,7 @@ where
                 _ => error(StatusCode::BAD_REQUEST, "invalid topic"),
             }
         }
+        #[cfg(feature = "presence")]
         (_, presence) if presence.starts_with("/api/presence/") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }

@@ -31,8 +31,10 @@ pub use wsengine_core::codes::CloseCode;
 pub use wsengine_core::{Envelope, WireFormat};
 pub use wsengine_layers as layers;
 pub use wsengine_services as services;
+#[cfg(feature = "filters")]
 pub use wsengine_services::filter::{Filter, FilterError};
 pub use wsengine_services::handler::{AppBody, AppMessage, Handler, SignatureStatus, SnapshotProvider, handler_fn};
+#[cfg(feature = "presence")]
 pub use wsengine_services::presence::{PresenceError, PresenceMember, PresenceStats};
 pub use wsengine_services::websocket::Admission;
 

@@ -424,6 +424,7 @@ async fn required_mode_closes_1008_on_violations() {
     server.stop().await;
 }
 
+#[cfg(feature = "msgpack")]
 #[tokio::test]
 async fn msgpack_connections_encrypt_msgpack_frames() {
     let server = start(|_| {}).await;

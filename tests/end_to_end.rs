@@ -26,7 +26,7 @@ async fn ready_hello_subscribe_and_receive_from_http_and_rust_api() {
     assert_eq!(hello["p"]["protocol_version"], 1);
     assert_eq!(hello["p"]["ping_interval"], 25_000);
     assert_eq!(hello["p"]["limits"]["max_message_size"], 1_048_576);
-    assert_eq!(hello["p"]["features"]["msgpack"], true);
+    assert_eq!(hello["p"]["features"]["msgpack"], cfg!(feature = "msgpack"));
     assert_eq!(hello["p"]["connection_id"], client.connection_id());
 
     let ack = client.subscribe(&["prices"]).await.unwrap();
@@ -248,6 +248,7 @@ async fn direct_sends_broadcasts_and_the_api_key() {
     server.stop().await;
 }
 
+#[cfg(all(feature = "compression", feature = "msgpack"))]
 #[tokio::test]
 async fn msgpack_connections_and_compressed_publications() {
     let server = start(|_| {}).await;

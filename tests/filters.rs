@@ -353,7 +353,7 @@ async fn subscribers_sharing_a_filter_share_one_evaluation_over_sockets() {
     // The Rust API subscribes with a filter too.
     let id = ConnectionId::parse(clients[0].connection_id()).unwrap();
     let other = Filter::intern(&json!({"socket_share_test": {"$lt": 10}})).unwrap();
-    assert!(server.engine.subscribe(id, "levels", Some(other)).unwrap());
+    assert!(server.engine.subscribe_filtered(id, "levels", Some(other)).unwrap());
     server.engine.publish("levels", Envelope::new("level", json!({"socket_share_test": 1}))).await.unwrap();
     assert_eq!(clients[0].recv().await.unwrap()["p"]["socket_share_test"], 1);
     assert!(clients[1].recv_timeout(Duration::from_millis(200)).await.unwrap().is_none());

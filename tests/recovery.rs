@@ -415,3 +415,42 @@ async fn signed_publications_are_signed_after_stamping_and_replayed_with_their_s
     assert_eq!(replayed, [second]);
     server.stop().await;
 }
+
+#[cfg(feature = "filters")]
+#[tokio::test]
+async fn filtered_subscriptions_are_unstamped_and_not_recoverable() {
+    let server = start(recovery).await;
+    let mut filtered = connect(&server).await;
+    let mut plain = connect(&server).await;
+    plain.subscribe(&["prices"]).await.unwrap();
+    server.engine.publish("prices", tick(0)).await.unwrap();
+    let epoch = plain.recv().await.unwrap()["e"].clone();
+
+    // A client running §9.5 gap detection would take the offsets its filter skips for lost ones.
+    let p = json!({
+        "action": "subscribe", "topics": ["prices"], "filter": {"n": {"$gte": 2}},
+        "recover": true, "recovery": {"prices": {"epoch": epoch, "offset": 0}},
+    });
+    filtered.send("subscription_update", p).await.unwrap();
+    let ack = filtered.recv().await.unwrap();
+    assert_eq!(ack["t"], "subscription_update", "no replay precedes the ack: {ack}");
+    assert_eq!(
+        ack["p"]["recovery"]["prices"],
+        json!({"epoch": null, "offset": 0, "recoverable": false, "recovered": false, "count": 0})
+    );
+    for n in 1..4 {
+        server.engine.publish("prices", tick(n)).await.unwrap();
+    }
+    for n in 2..4 {
+        let message = filtered.recv().await.unwrap();
+        assert_eq!(message["p"]["n"], n);
+        for key in ["tp", "e", "o"] {
+            assert!(message.get(key).is_none(), "{message}");
+        }
+    }
+    assert_eq!(filtered.recv_timeout(Duration::from_millis(200)).await.unwrap(), None);
+    for n in 1..4 {
+        assert_eq!(offset(&plain.recv().await.unwrap()), n, "unfiltered subscribers keep their stamps");
+    }
+    server.stop().await;
+}

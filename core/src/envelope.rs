@@ -139,6 +139,8 @@ impl Envelope {
 
     /// A msgpack map with string keys, same keys and order as [`to_json`](Self::to_json),
     /// without the `M:` prefix. Only nil, bool, int, float 64, str, array and map are used.
+    /// Only with the `msgpack` cargo feature.
+    #[cfg(feature = "msgpack")]
     pub fn to_msgpack(&self) -> Vec<u8> {
         // Cannot fail when writing to a Vec: a JSON value has no types msgpack lacks.
         rmp_serde::to_vec(self).expect("envelope serializes to msgpack")
@@ -300,9 +302,7 @@ pub fn prepare_raw_publication(raw: &[u8], stamp: Option<&Stamp>) -> Result<Vec<
 
     let mut insert = String::new();
     if let Some(stamp) = stamp {
-        // serde_json escapes the topic exactly as any other string value.
-        let topic = Value::String(stamp.topic.clone()).to_string();
-        insert.push_str(&format!(r#""tp":{topic},"e":"{}","o":{}"#, stamp.epoch_hex(), stamp.offset));
+        insert.push_str(&raw_stamp_fields(stamp));
     }
     if let (Some(cat), false) = (top.t_category, top.has_c) {
         if !insert.is_empty() {
@@ -319,6 +319,27 @@ pub fn prepare_raw_publication(raw: &[u8], stamp: Option<&Stamp>) -> Result<Vec<
     out.extend_from_slice(insert.as_bytes());
     out.extend_from_slice(body);
     Ok(out)
+}
+
+/// Undoes the stamp insertion of [`prepare_raw_publication`]: `prepared` without the leading
+/// `"tp":…,"e":…,"o":…` of `stamp` (and the comma after it). `None` when `prepared` does not
+/// start with exactly that stamp.
+pub fn strip_raw_stamp(prepared: &[u8], stamp: &Stamp) -> Option<Vec<u8>> {
+    let brace = prepared.iter().position(|&b| b == b'{')?;
+    let inserted = raw_stamp_fields(stamp);
+    let rest = prepared[brace + 1..].strip_prefix(inserted.as_bytes())?;
+    let rest = rest.strip_prefix(b",").unwrap_or(rest);
+    let mut out = Vec::with_capacity(prepared.len() - inserted.len());
+    out.extend_from_slice(&prepared[..=brace]);
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// The stamp as the first members of a raw publication's object.
+fn raw_stamp_fields(stamp: &Stamp) -> String {
+    // serde_json escapes the topic exactly as any other string value.
+    let topic = Value::String(stamp.topic.clone()).to_string();
+    format!(r#""tp":{topic},"e":"{}","o":{}"#, stamp.epoch_hex(), stamp.offset)
 }
 
 /// A decoded inbound message: the JSON object after key normalization (§3.4).
@@ -416,7 +437,9 @@ impl From<Map<String, Value>> for InboundMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "msgpack")]
     use crate::frame::decode_msgpack;
+    #[cfg(feature = "msgpack")]
     use crate::limits::Limits;
     use proptest::prelude::*;
     use serde_json::json;
@@ -551,6 +574,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "msgpack")]
     fn msgpack_round_trip_of_envelope() {
         let mut env = Envelope::new(
             "price_update",
@@ -570,6 +594,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "msgpack")]
     fn msgpack_starts_with_a_map_marker_and_uses_no_bin_or_ext() {
         let env = Envelope::new("x", json!({"s":"str"}));
         let mp = env.to_msgpack();
@@ -614,6 +639,21 @@ mod tests {
         assert_eq!(out, format!("{{\"c\":\"U\",{}", &pretty[1..]));
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["c"], "U");
+    }
+
+    #[test]
+    fn stripping_the_stamp_restores_the_unstamped_form() {
+        let stamp = Stamp { topic: "a\"b".into(), epoch: 0x3c9a61f0, offset: 7 };
+        for raw in [r#"{"t":"x","p":{"n":1}}"#, "  { }\n", r#"{"c":"X","t":"y"}"#, "{\n \"t\": \"x\"\n}"] {
+            let unstamped = prepare_raw_publication(raw.as_bytes(), None).unwrap();
+            let stamped = prepare_raw_publication(raw.as_bytes(), Some(&stamp)).unwrap();
+            assert_eq!(strip_raw_stamp(&stamped, &stamp), Some(unstamped), "{raw}");
+        }
+        // Only the exact stamp is removed.
+        let other = Stamp { offset: 8, ..stamp.clone() };
+        let stamped = prepare_raw_publication(br#"{"t":"x"}"#, Some(&stamp)).unwrap();
+        assert_eq!(strip_raw_stamp(&stamped, &other), None);
+        assert_eq!(strip_raw_stamp(br#"{"t":"x"}"#, &stamp), None);
     }
 
     #[test]
@@ -699,6 +739,7 @@ mod tests {
 
     proptest! {
         #[test]
+        #[cfg(feature = "msgpack")]
         fn msgpack_equals_json(env in arb_envelope()) {
             let from_mp = decode_msgpack(&env.to_msgpack(), &Limits::default()).unwrap();
             let from_json: Value = serde_json::from_slice(&env.to_json()).unwrap();

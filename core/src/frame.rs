@@ -2,20 +2,40 @@
 //! with the inbound decoding order of §3.4 and the limits of §3.5.
 //!
 //! ```
-//! use wsengine_core::{compress, decode_frame, Decoded, Frame, Limits, WireFormat};
+//! use wsengine_core::{decode_frame, Decoded, Frame, Limits, WireFormat};
 //!
+//! # #[cfg(feature = "compression")] {
 //! let json = br#"{"t":"chat","p":{"text":"hi"}}"#;
-//! let frame = Frame::Binary(compress(json, 1).into());
+//! let frame = Frame::Binary(wsengine_core::compress(json, 1).into());
 //! let Decoded::Message(msg) = decode_frame(&frame, WireFormat::Json, &Limits::default()).unwrap()
 //! else { panic!() };
 //! assert_eq!(msg.t(), Some("chat"));
+//! # }
 //!
 //! // Text that is not a JSON object is left to the application.
 //! let raw = decode_frame(&Frame::text("hello"), WireFormat::Json, &Limits::default()).unwrap();
 //! assert!(matches!(raw, Decoded::RawText(_)));
 //! ```
+//!
+//! # Cargo features
+//!
+//! Two forms each need a cargo feature of this crate (both on by default):
+//!
+//! - `compression` (flate2): `compress`, `inflate_capped`, and inbound `C:` frames. Without
+//!   it nothing is ever compressed (the `compression` argument of [`encode_data`] and
+//!   [`encode_json`] is ignored) and an inbound `C:` frame fails with
+//!   [`DecodeError::CompressionNotSupported`].
+//! - `msgpack` (rmp-serde): `WireFormat::MsgPack`, `decode_msgpack`,
+//!   `check_msgpack_depth` and inbound `M:` frames. Without it [`WireFormat::from_query`]
+//!   always answers [`WireFormat::Json`] (a `format=msgpack` connection is served JSON), an
+//!   inbound `M:` frame (also inside `E:`) fails with [`DecodeError::MsgpackNotSupported`],
+//!   and other binary frames follow the JSON-connection rules.
+//!
+//! Both failures are answered with `INVALID_REQUEST` and keep the connection, like an
+//! undecodable `C:` or `M:` frame when the feature is on.
 
 use bytes::Bytes;
+#[cfg(feature = "compression")]
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -96,17 +116,27 @@ pub enum WireFormat {
     #[default]
     Json,
     /// msgpack: per-connection events go out as `M:` frames, inbound binary is msgpack.
+    /// Only with the `msgpack` cargo feature.
+    #[cfg(feature = "msgpack")]
     MsgPack,
 }
 
 impl WireFormat {
     /// `MsgPack` if the query string (with or without a leading `?`) has a parameter
-    /// `format=msgpack` anywhere; `Json` for any other value or none.
+    /// `format=msgpack` anywhere; `Json` for any other value or none. Always `Json` without
+    /// the `msgpack` cargo feature: such a connection is served JSON.
     pub fn from_query(query: Option<&str>) -> WireFormat {
-        let query = query.unwrap_or("");
-        let query = query.strip_prefix('?').unwrap_or(query);
-        let msgpack = query.split('&').any(|pair| pair == "format=msgpack");
-        if msgpack { WireFormat::MsgPack } else { WireFormat::Json }
+        #[cfg(feature = "msgpack")]
+        {
+            let query = query.unwrap_or("");
+            let query = query.strip_prefix('?').unwrap_or(query);
+            if query.split('&').any(|pair| pair == "format=msgpack") {
+                return WireFormat::MsgPack;
+            }
+        }
+        #[cfg(not(feature = "msgpack"))]
+        let _ = query;
+        WireFormat::Json
     }
 }
 
@@ -147,6 +177,10 @@ pub enum DecodeError {
     NotUtf8,
     /// Input that had to be a JSON object is not one.
     NotAnObject,
+    /// A `C:` frame, and this build has no `compression` cargo feature.
+    CompressionNotSupported,
+    /// An `M:` frame, and this build has no `msgpack` cargo feature.
+    MsgpackNotSupported,
 }
 
 impl DecodeError {
@@ -169,6 +203,12 @@ impl fmt::Display for DecodeError {
             DecodeError::MsgpackInvalid => f.write_str("invalid msgpack message"),
             DecodeError::NotUtf8 => f.write_str("message text is not valid UTF-8"),
             DecodeError::NotAnObject => f.write_str("not a JSON object"),
+            DecodeError::CompressionNotSupported => {
+                f.write_str("compressed (C:) frames are not supported by this server (no `compression` feature)")
+            }
+            DecodeError::MsgpackNotSupported => {
+                f.write_str("msgpack (M:) frames are not supported by this server (no `msgpack` feature)")
+            }
         }
     }
 }
@@ -179,7 +219,9 @@ impl std::error::Error for DecodeError {}
 ///
 /// Order: size check; text → text rules; binary `E:` → [`Decoded::Encrypted`]; `C:` →
 /// inflate (capped) → UTF-8 → text rules; `M:` → msgpack map; other binary: raw msgpack on a
-/// msgpack connection, then plain JSON, else [`Decoded::RawBinary`].
+/// msgpack connection, then plain JSON, else [`Decoded::RawBinary`]. Without the
+/// `compression` (`msgpack`) cargo feature, `C:` (`M:`) fails with
+/// [`DecodeError::CompressionNotSupported`] ([`DecodeError::MsgpackNotSupported`]).
 pub fn decode_frame(frame: &Frame, format: WireFormat, limits: &Limits) -> Result<Decoded, DecodeError> {
     let size = frame.len();
     if size > limits.max_message_size {
@@ -195,13 +237,12 @@ pub fn decode_frame(frame: &Frame, format: WireFormat, limits: &Limits) -> Resul
                 return Ok(Decoded::Encrypted(bytes.clone()));
             }
             if let Some(zlib) = bytes.strip_prefix(PREFIX_COMPRESSED) {
-                let inflated = inflate_capped(zlib, limits.max_inflated_size)?;
-                let text = String::from_utf8(inflated).map_err(|_| DecodeError::NotUtf8)?;
-                return Ok(decode_owned_text(text, limits));
+                return compressed_message(zlib, limits);
             }
             if let Some(mp) = bytes.strip_prefix(PREFIX_MSGPACK) {
                 return msgpack_message(mp, limits);
             }
+            #[cfg(feature = "msgpack")]
             if format == WireFormat::MsgPack {
                 match decode_msgpack(bytes, limits) {
                     Ok(Value::Object(map)) => {
@@ -213,6 +254,8 @@ pub fn decode_frame(frame: &Frame, format: WireFormat, limits: &Limits) -> Resul
                     _ => {}
                 }
             }
+            #[cfg(not(feature = "msgpack"))]
+            let _ = format;
             // §3.1 lists plain JSON in a binary frame as a form and the Python client sends
             // binary JSON on some paths, so a binary (optionally legacy-prefixed) UTF-8 JSON
             // object is dispatched like text instead of going raw as §3.4 step 7 says. It is
@@ -237,12 +280,33 @@ pub fn decode_plaintext(plaintext: &[u8], limits: &Limits) -> Result<Decoded, De
     Ok(decode_owned_text(text.to_owned(), limits))
 }
 
+/// Step 4: inflate (capped), then the text rules.
+#[cfg(feature = "compression")]
+fn compressed_message(zlib: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
+    let inflated = inflate_capped(zlib, limits.max_inflated_size)?;
+    let text = String::from_utf8(inflated).map_err(|_| DecodeError::NotUtf8)?;
+    Ok(decode_owned_text(text, limits))
+}
+
+/// Step 4 without the `compression` feature: refused, never taken for raw binary.
+#[cfg(not(feature = "compression"))]
+fn compressed_message(_zlib: &[u8], _limits: &Limits) -> Result<Decoded, DecodeError> {
+    Err(DecodeError::CompressionNotSupported)
+}
+
 /// Step 5: one msgpack value that must be a map.
+#[cfg(feature = "msgpack")]
 fn msgpack_message(data: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
     match decode_msgpack(data, limits)? {
         Value::Object(map) => Ok(Decoded::Message(InboundMessage::from_map(map))),
         _ => Err(DecodeError::MsgpackInvalid),
     }
+}
+
+/// Step 5 without the `msgpack` feature: refused, never taken for raw binary.
+#[cfg(not(feature = "msgpack"))]
+fn msgpack_message(_data: &[u8], _limits: &Limits) -> Result<Decoded, DecodeError> {
+    Err(DecodeError::MsgpackNotSupported)
 }
 
 fn decode_owned_text(text: String, limits: &Limits) -> Decoded {
@@ -311,7 +375,8 @@ fn json_depth_exceeds(json: &[u8], max_depth: usize) -> bool {
 }
 
 /// `"C:"` ‖ zlib (RFC 1950) of `json` at `level`, clamped to 1–9 (1 is the protocol's
-/// recommendation: stream header `78 01`).
+/// recommendation: stream header `78 01`). Only with the `compression` cargo feature.
+#[cfg(feature = "compression")]
 pub fn compress(json: &[u8], level: u32) -> Vec<u8> {
     thread_local! {
         // A zlib compressor carries a few hundred KB of tables; building one per frame cost
@@ -347,7 +412,8 @@ pub fn compress(json: &[u8], level: u32) -> Vec<u8> {
 /// Inflates a zlib stream, refusing with [`DecodeError::InflateTooLarge`] as soon as the
 /// output would exceed `cap` bytes. The output buffer never grows beyond `cap + 1` bytes.
 ///
-/// Bytes after the end of the zlib stream are ignored.
+/// Bytes after the end of the zlib stream are ignored. Only with the `compression` cargo feature.
+#[cfg(feature = "compression")]
 pub fn inflate_capped(zlib: &[u8], cap: usize) -> Result<Vec<u8>, DecodeError> {
     // One byte past the cap is enough to tell "exactly cap" from "more than cap".
     let limit = cap.saturating_add(1);
@@ -383,6 +449,7 @@ pub fn inflate_capped(zlib: &[u8], cap: usize) -> Result<Vec<u8>, DecodeError> {
 }
 
 /// One msgpack item header, as far as structure is concerned.
+#[cfg(feature = "msgpack")]
 enum Item<'a> {
     Nil,
     Bool(bool),
@@ -397,11 +464,13 @@ enum Item<'a> {
 }
 
 /// A bounds-checked reader over msgpack bytes.
+#[cfg(feature = "msgpack")]
 struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
 }
 
+#[cfg(feature = "msgpack")]
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::MsgpackInvalid)?;
@@ -488,7 +557,8 @@ impl<'a> Reader<'a> {
 ///
 /// Run it before decoding. Errors: [`DecodeError::MsgpackTooDeep`] as soon as a container
 /// would open below the limit, [`DecodeError::MsgpackInvalid`] for truncated, malformed or
-/// trailing bytes.
+/// trailing bytes. Only with the `msgpack` cargo feature.
+#[cfg(feature = "msgpack")]
 pub fn check_msgpack_depth(data: &[u8], max_depth: usize) -> Result<(), DecodeError> {
     let mut r = Reader { data, pos: 0 };
     // Remaining element counts of the open containers; the base entry is the single root value.
@@ -517,6 +587,7 @@ pub fn check_msgpack_depth(data: &[u8], max_depth: usize) -> Result<(), DecodeEr
 }
 
 /// A container being filled by [`decode_msgpack`].
+#[cfg(feature = "msgpack")]
 enum Open {
     Array(Vec<Value>, u32),
     Map(Map<String, Value>, u32, Option<String>),
@@ -527,7 +598,9 @@ enum Open {
 ///
 /// nil, bool, int, float, str, array and maps with string keys convert; bin, ext, non-string
 /// keys, invalid UTF-8 and non-finite floats (no JSON equivalent) give
-/// [`DecodeError::MsgpackInvalid`]. Iterative, like the depth check.
+/// [`DecodeError::MsgpackInvalid`]. Iterative, like the depth check. Only with the `msgpack`
+/// cargo feature.
+#[cfg(feature = "msgpack")]
 pub fn decode_msgpack(data: &[u8], limits: &Limits) -> Result<Value, DecodeError> {
     check_msgpack_depth(data, limits.max_msgpack_depth)?;
     let invalid = DecodeError::MsgpackInvalid;
@@ -602,11 +675,13 @@ pub fn decode_msgpack(data: &[u8], limits: &Limits) -> Result<Value, DecodeError
 ///
 /// - `Json`: the JSON, as a text frame if `text` (publications) or a binary frame otherwise
 ///   (per-connection events); with `compression = Some((threshold, level))`, JSON strictly
-///   longer than `threshold` becomes a binary `C:` frame if that is smaller.
+///   longer than `threshold` becomes a binary `C:` frame if that is smaller (never without
+///   the `compression` cargo feature, which makes `compression` meaningless).
 /// - `MsgPack`: binary `"M:"` ‖ msgpack, never compressed.
 pub fn encode_data(env: &Envelope, format: WireFormat, text: bool, compression: Option<(usize, u32)>) -> Frame {
     match format {
         WireFormat::Json => encode_json(env.to_json_string(), text, compression),
+        #[cfg(feature = "msgpack")]
         WireFormat::MsgPack => {
             let mut out = Vec::with_capacity(128);
             out.extend_from_slice(PREFIX_MSGPACK);
@@ -617,7 +692,11 @@ pub fn encode_data(env: &Envelope, format: WireFormat, text: bool, compression: 
 }
 
 /// The JSON branch of [`encode_data`], for already serialized JSON (e.g. a raw publication).
+/// Without the `compression` cargo feature `compression` is ignored: nothing is compressed.
 pub fn encode_json(json: String, text: bool, compression: Option<(usize, u32)>) -> Frame {
+    #[cfg(not(feature = "compression"))]
+    let _ = compression;
+    #[cfg(feature = "compression")]
     if let Some((threshold, level)) = compression {
         if json.len() > threshold {
             let compressed = compress(json.as_bytes(), level);

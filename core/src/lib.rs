@@ -5,6 +5,10 @@
 //! back into messages, following `PROTOCOL.md` (§3 frame encodings, §4 envelopes, §6.1 protocol
 //! frames, §9 stamps, §12 codes).
 //!
+//! Cargo features, both on by default: `compression` (the `C:` zlib form, through flate2) and
+//! `msgpack` (the `M:` form and `format=msgpack` connections, through rmp-serde). The
+//! [`frame`] module documents what the codec does without them.
+//!
 //! ```
 //! use wsengine_core::{decode_frame, encode_data, Decoded, Envelope, Limits, WireFormat};
 //!
@@ -33,8 +37,11 @@ pub use category::Category;
 pub use codes::{CloseCode, ErrorCode};
 pub use envelope::{Envelope, InboundMessage, Stamp};
 pub use error::ProtocolError;
+#[cfg(feature = "compression")]
+pub use frame::compress;
+#[cfg(feature = "msgpack")]
+pub use frame::decode_msgpack;
 pub use frame::{
-    DecodeError, Decoded, Frame, WireFormat, compress, decode_frame, decode_msgpack, decode_plaintext, encode_data,
-    encode_protocol,
+    DecodeError, Decoded, Frame, WireFormat, decode_frame, decode_plaintext, encode_data, encode_protocol,
 };
 pub use limits::Limits;

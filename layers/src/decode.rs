@@ -5,6 +5,10 @@
 //! inflates past the cap (a zlib bomb), malformed zlib and msgpack nested deeper than 64 are
 //! dropped with an `INVALID_REQUEST` error frame. `E:` frames pass through untouched for the decrypt layer.
 //!
+//! Without the `compression` cargo feature every `C:` frame, and without `msgpack` every `M:`
+//! frame (also inside `E:`), gets that same `INVALID_REQUEST` frame, naming the missing
+//! feature; the connection stays open. Raw msgpack is then raw binary, as on a JSON connection.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use tower::{service_fn, Layer, Service, ServiceExt};
@@ -120,6 +124,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg(feature = "compression")]
     async fn json_text_and_compressed_frames_decode_to_messages() {
         let (mut service, seen) = recording(WireFormat::Json);
         let compressed = wsengine_core::frame::compress(br#"{"t":"zipped"}"#, 6);
@@ -149,6 +154,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg(all(feature = "compression", feature = "msgpack"))]
     async fn bombs_and_deep_msgpack_are_refused_with_an_error() {
         let (mut service, seen) = recording(WireFormat::MsgPack);
         let bomb = wsengine_core::frame::compress(&vec![b' '; 8 << 20], 9);
@@ -162,6 +168,53 @@ mod tests {
             assert!(error.close().is_none());
         }
         assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// The error the decode layer answers `frame` with.
+    #[cfg(any(not(feature = "compression"), not(feature = "msgpack")))]
+    async fn refusal(frame: Frame, encrypted: bool) -> ProtocolError {
+        let (mut service, seen) = recording(WireFormat::from_query(Some("format=msgpack")));
+        let inbound = if encrypted {
+            let mut inbound = Inbound::frame(frame.clone());
+            inbound.body = InboundBody::RawBinary(bytes::Bytes::copy_from_slice(frame.as_bytes()));
+            inbound.encrypted = true;
+            inbound
+        } else {
+            Inbound::frame(frame)
+        };
+        let error = service.ready().await.unwrap().call(inbound).await.unwrap_err();
+        assert!(seen.lock().unwrap().is_empty());
+        *error.downcast::<ProtocolError>().unwrap()
+    }
+
+    #[tokio::test]
+    #[cfg(not(feature = "compression"))]
+    async fn compressed_frames_get_invalid_request_without_the_compression_feature() {
+        // zlib of {"t":"chat"} in one stored block.
+        let valid = b"C:\x78\x01\x01\x0c\x00\xf3\xff{\"t\":\"chat\"}\x17\xb9\x03\xcf";
+        for frame in [&valid[..], b"C:garbage"] {
+            let error = refusal(Frame::Binary(bytes::Bytes::copy_from_slice(frame)), false).await;
+            assert_eq!(error.code(), ErrorCode::InvalidRequest);
+            assert!(error.close().is_none(), "the connection is kept");
+            assert!(error.message().contains("`compression` feature"), "{}", error.message());
+        }
+    }
+
+    #[tokio::test]
+    #[cfg(not(feature = "msgpack"))]
+    async fn msgpack_frames_get_invalid_request_without_the_msgpack_feature() {
+        let prefixed = Frame::Binary(bytes::Bytes::from_static(b"M:\x81\xa1t\xa4chat"));
+        for encrypted in [false, true] {
+            let error = refusal(prefixed.clone(), encrypted).await;
+            assert_eq!(error.code(), ErrorCode::InvalidRequest);
+            assert!(error.close().is_none(), "the connection is kept");
+            assert!(error.message().contains("`msgpack` feature"), "{}", error.message());
+        }
+        // Raw msgpack on a `format=msgpack` connection is raw binary, for the application.
+        let (mut service, seen) = recording(WireFormat::from_query(Some("format=msgpack")));
+        let raw = Frame::Binary(bytes::Bytes::from_static(b"\x81\xa1t\xa4chat"));
+        service.ready().await.unwrap().call(Inbound::frame(raw)).await.unwrap();
+        assert!(matches!(seen.lock().unwrap()[0], InboundBody::RawBinary(_)));
     }
 
     #[tokio::test]

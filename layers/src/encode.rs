@@ -7,6 +7,10 @@
 //! the per-connection `seq` counter (PROTOCOL.md §4.1); publications, `ping` and `PONG` do
 //! not. A frame over 1 MiB is refused (§3.5).
 //!
+//! `C:` needs the `compression` cargo feature and `M:` the `msgpack` one (both on by default):
+//! without `compression`, [`EncodeLayer::compression`] is ignored and nothing is compressed;
+//! without `msgpack` there are no msgpack connections (`WireFormat::MsgPack` does not exist).
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::sync::Arc;
@@ -52,6 +56,7 @@ impl EncodeLayer {
     }
 
     /// Compresses JSON data frames longer than `threshold` bytes at zlib `level` (1–9).
+    /// Ignored without the `compression` cargo feature: nothing is compressed then.
     pub fn compression(mut self, threshold: usize, level: u32) -> Self {
         self.compression = Some((threshold, level.clamp(1, 9)));
         self
@@ -97,6 +102,9 @@ impl std::error::Error for TooLarge {}
 
 impl<S> Encode<S> {
     fn compression(&self) -> Option<(usize, u32)> {
+        if cfg!(not(feature = "compression")) {
+            return None;
+        }
         let enabled = self.layer.compression_enabled.as_ref().is_none_or(|switch| switch.load(Ordering::Relaxed));
         self.layer.compression.filter(|_| enabled)
     }
@@ -167,7 +175,8 @@ mod tests {
 
     #[tokio::test]
     async fn protocol_frames_are_text_with_seq_except_heartbeats() {
-        let (mut service, seen) = recording(EncodeLayer::new(WireFormat::MsgPack));
+        // A msgpack connection (JSON without the `msgpack` feature).
+        let (mut service, seen) = recording(EncodeLayer::new(WireFormat::from_query(Some("format=msgpack"))));
         let ready = Envelope::new("server_ready", serde_json::json!({}));
         let pong = wsengine_core::envelope::pong(None, 1);
         let hello = Envelope::new("server_hello", serde_json::json!({}));
@@ -185,6 +194,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg(feature = "compression")]
     async fn large_events_are_compressed_small_ones_are_not() {
         let (mut service, seen) = recording(EncodeLayer::new(WireFormat::Json).compression(1024, 1));
         let big = Envelope::new("report", serde_json::json!({"text": "abc".repeat(1000)}));
@@ -195,6 +205,19 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert!(matches!(&seen[0], Frame::Binary(b) if b.starts_with(b"C:")));
         assert!(matches!(&seen[1], Frame::Binary(b) if b.starts_with(b"{")));
+    }
+
+    #[tokio::test]
+    #[cfg(not(feature = "compression"))]
+    async fn nothing_is_compressed_without_the_compression_feature() {
+        let (mut service, seen) = recording(EncodeLayer::new(WireFormat::Json).compression(0, 1));
+        let big = Envelope::new("report", serde_json::json!({"text": "abc".repeat(1000)}));
+        service.ready().await.unwrap().call(Outbound::event(big.clone())).await.unwrap();
+        let publication = Arc::new(Publication::new("t", big));
+        service.ready().await.unwrap().call(Outbound::publication(publication)).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(matches!(&seen[0], Frame::Binary(b) if b.starts_with(b"{")));
+        assert!(matches!(&seen[1], Frame::Text(_)));
     }
 
     #[tokio::test]

@@ -675,6 +675,8 @@ impl<S> Encrypt<S> {
     fn plaintext_of(frame: &Frame) -> Result<std::borrow::Cow<'_, [u8]>, BoxError> {
         match frame {
             // Never compress inside E: (§3.2); a C: frame that slipped through is inflated.
+            // Without the `compression` feature the encode layer never makes one.
+            #[cfg(feature = "compression")]
             Frame::Binary(bytes) if bytes.starts_with(b"C:") => {
                 Ok(wsengine_core::frame::inflate_capped(&bytes[2..], MAX_OUTBOUND_MESSAGE_SIZE)?.into())
             }

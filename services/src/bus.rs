@@ -30,9 +30,12 @@ use futures_util::future::BoxFuture;
 use wsengine_core::topic::{glob_match, is_pattern};
 
 use crate::connection::{Connection, ConnectionId, Delivery};
+#[cfg(feature = "filters")]
 use crate::filter::{Filter, Verdicts};
 use crate::publication::Publication;
-use crate::recovery::{PublishDedup, RecoveryOutcome, RecoverySettings, ReplayLimit, Requested, TopicHistory};
+use crate::recovery::{PublishDedup, RecoveryOutcome, ReplayLimit, Requested};
+#[cfg(feature = "recovery")]
+use crate::recovery::{RecoverySettings, TopicHistory};
 
 /// What a publish did.
 #[derive(Debug, Clone)]
@@ -69,7 +72,8 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Subscribes like [`Bus::subscribe`] and evaluates a recovery request for the topic
     /// (PROTOCOL.md §9.4) atomically with the topic's publications: publications stamped after
     /// the returned head reach the subscription live, the replay holds exactly the missed ones.
-    /// A bus without recovery (the default) reports no buffer.
+    /// A bus without recovery (the default) reports no buffer, and so does a bus with recovery
+    /// for a pattern or for a subscription with a filter (its deliveries are unstamped).
     fn subscribe_recovering(
         &self,
         connection: &Arc<Connection>,
@@ -85,7 +89,9 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Sets (or with `None` clears) the payload filter of a connection's subscription to
     /// `topic` (an exact topic or a pattern), before or after subscribing; unsubscribing
     /// clears it. Returns whether the bus applied it: the default implementation filters
-    /// nothing, so it accepts only `None`.
+    /// nothing, so it accepts only `None`. A bus that applies filters delivers to a filtered
+    /// subscription without the recovery stamp ([`Publication::unstamped`]).
+    #[cfg(feature = "filters")]
     fn set_filter(&self, connection: ConnectionId, topic: &str, filter: Option<Arc<Filter>>) -> bool {
         let _ = (connection, topic);
         filter.is_none()
@@ -115,8 +121,9 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug, Default)]
 pub struct MemoryBus {
     topics: RwLock<Topics>,
-    /// Subscription (topic or pattern) → connection → its filter; only filtered subscriptions.
-    filters: RwLock<HashMap<String, HashMap<ConnectionId, Arc<Filter>>>>,
+    #[cfg(feature = "filters")]
+    filters: RwLock<FilterTable>,
+    #[cfg(feature = "recovery")]
     history: Option<TopicHistory>,
     dedup: Option<PublishDedup>,
 }
@@ -134,6 +141,7 @@ impl MemoryBus {
     }
 
     /// Stamps and stores topic publications for recovery (PROTOCOL.md §9).
+    #[cfg(feature = "recovery")]
     pub fn recovery(mut self, settings: RecoverySettings) -> Self {
         self.history = Some(TopicHistory::new(settings));
         self
@@ -147,27 +155,29 @@ impl MemoryBus {
     }
 
     /// The topic history, when recovery is on.
+    #[cfg(feature = "recovery")]
     pub fn history(&self) -> Option<&TopicHistory> {
         self.history.as_ref()
     }
 
     /// Stamps (when recovery is on), stores and fans out.
     fn publish_now(&self, publication: Publication) -> PublishReport {
-        let (publication, (delivered, dropped)) = match &self.history {
-            Some(history) => history.publish(publication, |p| self.fan_out(p)),
-            None => {
-                let publication = Arc::new(publication);
-                let counts = self.fan_out(&publication);
-                (publication, counts)
-            }
-        };
+        #[cfg(feature = "recovery")]
+        if let Some(history) = &self.history {
+            let (publication, (delivered, dropped)) = history.publish(publication, |p| self.fan_out(p));
+            return PublishReport { delivered, dropped, publication };
+        }
+        let publication = Arc::new(publication);
+        let (delivered, dropped) = self.fan_out(&publication);
         PublishReport { delivered, dropped, publication }
     }
 
     /// Delivers a shared publication to the local subscribers of its topic whose filter (if
     /// any) accepts it, each connection at most once however many of its subscriptions match
     /// (a connection gets it when any of them accepts it). Each distinct filter is evaluated
-    /// once per publication. Used by networked buses for the local half of their fan-out.
+    /// once per publication. A filtered subscription gets the publication without its recovery
+    /// stamp ([`Publication::unstamped`]): the offsets it skips must not look lost. Used by
+    /// networked buses for the local half of their fan-out.
     pub fn fan_out(&self, publication: &Arc<Publication>) -> (usize, usize) {
         self.deliver_local(publication, true)
     }
@@ -175,26 +185,25 @@ impl MemoryBus {
     fn deliver_local(&self, publication: &Arc<Publication>, filtered: bool) -> (usize, usize) {
         let Some(topic) = publication.topic() else { return (0, 0) };
         let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
-        let filters = self.filters.read().unwrap_or_else(|e| e.into_inner());
-        let mut verdicts = Verdicts::new(publication);
-        // Looked up once per subscription string, and only for filtered subscriptions.
-        let filters_of = |subscription: &str| if filtered { filters.get(subscription) } else { None };
-        let mut accepts = |by_connection: Option<&HashMap<ConnectionId, Arc<Filter>>>, connection: ConnectionId| {
-            by_connection.is_none_or(|f| verdicts.accepts(f.get(&connection)))
-        };
-        let exact_filters = filters_of(topic);
+        let screen = self.screen(publication, filtered);
+        let mut unstamped: Option<Arc<Publication>> = None;
         let (mut delivered, mut dropped) = (0, 0);
-        let mut send = |connection: &Connection| {
-            if connection.deliver(Delivery::Publication(Arc::clone(publication))) {
+        let mut send = |connection: &Connection, form: Form| {
+            let copy = match form {
+                Form::Stamped => Arc::clone(publication),
+                Form::Unstamped => Arc::clone(unstamped.get_or_insert_with(|| publication.unstamped())),
+            };
+            if connection.deliver(Delivery::Publication(copy)) {
                 delivered += 1;
             } else {
                 dropped += 1;
             }
         };
+        let exact_filters = screen.subscription(topic);
         let exact = topics.exact.get(topic).map(Vec::as_slice).unwrap_or_default();
         for connection in exact {
-            if accepts(exact_filters, connection.id()) {
-                send(connection);
+            if let Some(form) = screen.form(exact_filters, connection.id()) {
+                send(connection, form);
             }
         }
         let mut matched: Option<HashSet<ConnectionId>> = None;
@@ -205,15 +214,101 @@ impl MemoryBus {
                 continue;
             }
             // Verdicts are memoized, so asking again for the exact subscribers costs no evaluation.
-            let seen = matched
-                .get_or_insert_with(|| exact.iter().map(|c| c.id()).filter(|id| accepts(exact_filters, *id)).collect());
-            if !seen.contains(&connection.id()) && accepts(filters_of(pattern), connection.id()) {
+            let seen = matched.get_or_insert_with(|| {
+                exact.iter().map(|c| c.id()).filter(|id| screen.form(exact_filters, *id).is_some()).collect()
+            });
+            if seen.contains(&connection.id()) {
+                continue;
+            }
+            if let Some(form) = screen.form(screen.subscription(pattern), connection.id()) {
                 seen.insert(connection.id());
-                send(connection);
+                send(connection, form);
             }
         }
         (delivered, dropped)
     }
+
+    #[cfg(feature = "filters")]
+    fn screen<'a>(&'a self, publication: &'a Publication, filtered: bool) -> Screen<'a> {
+        Screen {
+            filters: filtered.then(|| self.filters.read().unwrap_or_else(|e| e.into_inner())),
+            verdicts: std::cell::RefCell::new(Verdicts::new(publication)),
+        }
+    }
+
+    #[cfg(not(feature = "filters"))]
+    fn screen<'a>(&'a self, _: &'a Publication, _: bool) -> Screen<'a> {
+        Screen { _bus: std::marker::PhantomData }
+    }
+
+    /// Whether the connection's subscription to `topic` has a filter.
+    #[cfg(feature = "recovery")]
+    fn is_filtered(&self, connection: ConnectionId, topic: &str) -> bool {
+        #[cfg(feature = "filters")]
+        {
+            let filters = self.filters.read().unwrap_or_else(|e| e.into_inner());
+            filters.get(topic).is_some_and(|by_connection| by_connection.contains_key(&connection))
+        }
+        #[cfg(not(feature = "filters"))]
+        {
+            let _ = (connection, topic);
+            false
+        }
+    }
+}
+
+/// Subscription (topic or pattern) → connection → its filter; only filtered subscriptions.
+#[cfg(feature = "filters")]
+type FilterTable = HashMap<String, HashMap<ConnectionId, Arc<Filter>>>;
+
+/// The filters of one subscription string, by connection.
+#[cfg(feature = "filters")]
+type SubscriptionFilters<'a> = Option<&'a HashMap<ConnectionId, Arc<Filter>>>;
+#[cfg(not(feature = "filters"))]
+type SubscriptionFilters<'a> = Option<&'a std::convert::Infallible>;
+
+/// Decides, subscription by subscription, whether one publication goes out and in which form:
+/// a filtered subscription takes it only when its filter accepts it, and without the stamp.
+struct Screen<'a> {
+    /// `None` when nothing is filtered (transient messages).
+    #[cfg(feature = "filters")]
+    filters: Option<std::sync::RwLockReadGuard<'a, FilterTable>>,
+    #[cfg(feature = "filters")]
+    verdicts: std::cell::RefCell<Verdicts<'a>>,
+    #[cfg(not(feature = "filters"))]
+    _bus: std::marker::PhantomData<&'a ()>,
+}
+
+impl Screen<'_> {
+    /// Looked up once per subscription string, then asked per connection.
+    fn subscription(&self, subscription: &str) -> SubscriptionFilters<'_> {
+        #[cfg(feature = "filters")]
+        return self.filters.as_ref().and_then(|filters| filters.get(subscription));
+        #[cfg(not(feature = "filters"))]
+        {
+            let _ = subscription;
+            None
+        }
+    }
+
+    fn form(&self, filters: SubscriptionFilters<'_>, connection: ConnectionId) -> Option<Form> {
+        #[cfg(feature = "filters")]
+        if let Some(filter) = filters.and_then(|by_connection| by_connection.get(&connection)) {
+            return self.verdicts.borrow_mut().accepts(Some(filter)).then_some(Form::Unstamped);
+        }
+        #[cfg(not(feature = "filters"))]
+        let _ = (filters, connection);
+        Some(Form::Stamped)
+    }
+}
+
+/// Which copy of a publication a subscription receives.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    Stamped,
+    /// Filtered subscriptions: without the recovery stamp.
+    #[cfg_attr(not(feature = "filters"), allow(dead_code))]
+    Unstamped,
 }
 
 impl Bus for MemoryBus {
@@ -250,17 +345,20 @@ impl Bus for MemoryBus {
         requested: Requested,
         limit: ReplayLimit,
     ) -> RecoveryOutcome {
-        match &self.history {
-            Some(history) if !is_pattern(topic) => {
-                history.subscribe(topic, requested, limit, || self.subscribe(connection, topic))
-            }
-            _ => {
-                self.subscribe(connection, topic);
-                RecoveryOutcome::no_buffer()
+        // A filtered subscription skips offsets, so it is not recoverable (PROTOCOL.md §9.4
+        // first row, as for patterns) and receives unstamped copies.
+        #[cfg(feature = "recovery")]
+        if let Some(history) = &self.history {
+            if !is_pattern(topic) && !self.is_filtered(connection.id(), topic) {
+                return history.subscribe(topic, requested, limit, || self.subscribe(connection, topic));
             }
         }
+        let _ = (requested, limit);
+        self.subscribe(connection, topic);
+        RecoveryOutcome::no_buffer()
     }
 
+    #[cfg(feature = "filters")]
     fn set_filter(&self, connection: ConnectionId, topic: &str, filter: Option<Arc<Filter>>) -> bool {
         let mut filters = self.filters.write().unwrap_or_else(|e| e.into_inner());
         match filter {
@@ -284,6 +382,7 @@ impl Bus for MemoryBus {
     }
 
     fn unsubscribe(&self, connection: ConnectionId, topic: &str) {
+        #[cfg(feature = "filters")]
         self.set_filter(connection, topic, None);
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if is_pattern(topic) {
@@ -378,6 +477,56 @@ mod tests {
             received += 1;
         }
         assert_eq!(received, 3);
+    }
+
+    #[cfg(all(feature = "filters", feature = "recovery"))]
+    #[tokio::test]
+    async fn filtered_subscriptions_get_unstamped_copies_and_no_recovery_position() {
+        use crate::recovery::{RecoverySettings, ReplayLimit, Requested};
+        let bus = MemoryBus::new().recovery(RecoverySettings::default());
+        let (plain, mut rx_plain) = connection(8);
+        let (filtered, mut rx_filtered) = connection(8);
+        let (by_pattern, mut rx_pattern) = connection(8);
+        bus.subscribe(&plain, "t");
+        let even = Filter::intern(&serde_json::json!({"n": {"$in": [0, 2]}})).unwrap();
+        assert!(bus.set_filter(filtered.id(), "t", Some(Arc::clone(&even))));
+        let outcome = bus.subscribe_recovering(&filtered, "t", Requested::NotAsked, ReplayLimit::unlimited());
+        assert_eq!(outcome.epoch, None, "a filtered subscription has no position");
+        assert!(bus.set_filter(by_pattern.id(), "t*", Some(even)));
+        bus.subscribe(&by_pattern, "t*");
+        for n in 0..3 {
+            bus.publish(Publication::new("t", Envelope::new("tick", serde_json::json!({"n": n})))).await.unwrap();
+        }
+        let offsets = |rx: &mut crate::connection::DeliveryReceiver| {
+            let mut seen = Vec::new();
+            while let Ok(Delivery::Publication(p)) = rx.try_recv() {
+                let json: serde_json::Value = serde_json::from_str(p.json().as_str()).unwrap();
+                seen.push((json["p"]["n"].as_u64().unwrap(), json.get("o").and_then(|o| o.as_u64())));
+            }
+            seen
+        };
+        assert_eq!(offsets(&mut rx_plain), [(0, Some(0)), (1, Some(1)), (2, Some(2))]);
+        assert_eq!(offsets(&mut rx_filtered), [(0, None), (2, None)]);
+        assert_eq!(offsets(&mut rx_pattern), [(0, None), (2, None)]);
+        // Without its filter the subscription is recoverable again and gets stamped copies.
+        assert!(bus.set_filter(filtered.id(), "t", None));
+        let outcome = bus.subscribe_recovering(&filtered, "t", Requested::NotAsked, ReplayLimit::unlimited());
+        assert_eq!(outcome.offset, 2);
+        assert!(outcome.epoch.is_some());
+        bus.publish(Publication::new("t", Envelope::new("tick", serde_json::json!({"n": 4})))).await.unwrap();
+        assert_eq!(offsets(&mut rx_filtered), [(4, Some(3))]);
+    }
+
+    #[test]
+    fn the_unstamped_copy_of_a_raw_publication_is_the_raw_json_without_the_stamp() {
+        let stamp = wsengine_core::Stamp { topic: "t".into(), epoch: 5, offset: 9 };
+        let raw = br#"{"t":"tick","id":"x","p":{"n":1}}"#;
+        let stamped = Arc::new(Publication::raw("t", raw, None).unwrap().with_stamp(stamp));
+        assert!(stamped.json().as_str().starts_with(r#"{"tp":"t","e":"00000005","o":9,"#));
+        let unstamped = stamped.unstamped();
+        assert_eq!(unstamped.json().as_str(), r#"{"c":"U","t":"tick","id":"x","p":{"n":1}}"#);
+        assert!(Arc::ptr_eq(&unstamped, &stamped.unstamped()), "built once");
+        assert!(Arc::ptr_eq(&unstamped.unstamped(), &unstamped));
     }
 
     #[tokio::test]

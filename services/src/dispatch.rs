@@ -42,9 +42,11 @@ use wsengine_core::{Category, Envelope, ErrorCode, InboundMessage, ProtocolError
 
 use crate::bus::Bus;
 use crate::connection::Connection;
+#[cfg(feature = "filters")]
 use crate::filter::Filter;
 use crate::handler::{AppBody, AppMessage, Handler, NoHandler, SignatureStatus, SnapshotProvider};
 use crate::message::{BoxError, Inbound, InboundBody, OrderKey, Outbound, Reply, error_reply};
+#[cfg(feature = "presence")]
 use crate::presence::Presence;
 use crate::queue::QueueGauge;
 use crate::recovery::{ReplayLimit, SubscribeRecovery};
@@ -64,6 +66,9 @@ pub struct ProtocolSettings {
     pub cluster: bool,
     /// Whether built-in JWT authentication is on (`features.rust_jwt`).
     pub jwt: bool,
+    /// Whether the engine compresses outbound frames (`features.compression`). Default: on
+    /// with the `compression` cargo feature; always announced `false` without it.
+    pub compression: bool,
     /// Outbound event bucket: capacity and refill per second (announced).
     pub outbound_rate: (u64, u64),
     /// Inbound bucket: capacity and refill per second (announced).
@@ -84,6 +89,7 @@ impl Default for ProtocolSettings {
             recovery: false,
             cluster: false,
             jwt: false,
+            compression: cfg!(feature = "compression"),
             outbound_rate: (100_000, 10_000),
             inbound_rate: (2_000, 200),
             snapshot_on_subscribe: false,
@@ -136,7 +142,27 @@ pub struct DispatchContext {
     /// Protocol parameters.
     pub settings: ProtocolSettings,
     /// The presence tracker; `None` when presence is disabled (PROTOCOL.md §6.3.6).
+    #[cfg(feature = "presence")]
     pub presence: Option<Arc<Presence>>,
+    /// Wraps every handler call with the calling connection at hand; `None` calls the handler
+    /// directly.
+    pub handler_guard: Option<Arc<dyn HandlerGuard>>,
+}
+
+/// A per-connection watch over application handler calls, such as the engine's
+/// per-connection circuit breaker (PROTOCOL.md §12.1, close 1011).
+///
+/// [`DispatchContext::handler`] is shared by every connection; a guard gets each call
+/// together with the connection that made it, so it can keep state per connection (through
+/// [`Connection::shared`]), refuse a call, or turn its outcome into an error that closes the
+/// connection ([`ProtocolError::closing`]).
+pub trait HandlerGuard: Send + Sync + 'static {
+    /// Wraps one handler call of `connection`; the returned future's outcome is used instead.
+    fn guard(
+        &self,
+        connection: &Connection,
+        call: BoxFuture<'static, Result<Vec<Envelope>, BoxError>>,
+    ) -> BoxFuture<'static, Result<Vec<Envelope>, BoxError>>;
 }
 
 impl fmt::Debug for DispatchContext {
@@ -145,6 +171,7 @@ impl fmt::Debug for DispatchContext {
             .field("bus", &self.bus)
             .field("snapshots", &self.snapshots.is_some())
             .field("settings", &self.settings)
+            .field("handler_guard", &self.handler_guard.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -157,7 +184,9 @@ impl DispatchContext {
             handler: Arc::new(NoHandler),
             snapshots: None,
             settings: ProtocolSettings::default(),
+            #[cfg(feature = "presence")]
             presence: None,
+            handler_guard: None,
         }
     }
 
@@ -174,7 +203,7 @@ impl DispatchContext {
                     "user_id": connection.user_id(),
                     "server_time": now,
                     "features": {
-                        "compression": true,
+                        "compression": self.settings.compression && cfg!(feature = "compression"),
                         "encryption": false,
                         "batching": true,
                         "priority_queue": true,
@@ -273,6 +302,10 @@ impl Inner {
                         self.message(message, origin).await
                     };
                     reply.extend(result.unwrap_or_else(|e| error_reply(&e)));
+                    // The connection is closing (say, its handler failed too often).
+                    if reply.close.is_some() {
+                        break;
+                    }
                 }
                 Ok(reply)
             }
@@ -298,7 +331,11 @@ impl Inner {
                     Ok(Reply::none())
                 }
             }
-            // Without a decrypt layer (or without a key) an `E:` frame is dropped (§3.4 step 3).
+            // No decrypt layer (encryption off): the frame is dropped (§3.4 step 3), and the
+            // client learns why, as from the decrypt layer when it has no key.
+            InboundBody::Encrypted(_) if self.may_send_invalid_request() => {
+                Err(protocol_error(ErrorCode::InvalidRequest, "Encrypted frame, but encryption is off on this server"))
+            }
             InboundBody::Encrypted(_) => Ok(Reply::none()),
             InboundBody::Frame(_) => Err("frame reached dispatch undecoded (is the decode layer missing?)".into()),
         }
@@ -345,12 +382,13 @@ impl Inner {
                 "server_time": wsengine_core::time::now_rfc3339(),
                 "ping_interval": u64::try_from(settings.ping_interval.as_millis()).unwrap_or(u64::MAX),
                 "features": {
-                    "compression": true,
+                    "compression": settings.compression && cfg!(feature = "compression"),
                     "recovery": settings.recovery,
                     "cluster": settings.cluster,
                     "batching": true,
                     "priority_queue": true,
-                    "msgpack": true,
+                    // `format=msgpack` connections get msgpack only with the feature.
+                    "msgpack": cfg!(feature = "msgpack"),
                     "encryption": false,
                 },
                 "limits": {
@@ -437,14 +475,8 @@ impl Inner {
         let mut reasons = Map::new();
         // `p.filter` and `p.presence` apply to every topic of the request (PROTOCOL.md §6.3.6;
         // filters are an engine extension, see the filter module).
-        let filter = match p.and_then(|p| p.get("filter")) {
-            None | Some(Value::Null) => Ok(None),
-            Some(expression) => Filter::intern(expression).map(Some),
-        };
-        let presence = match (&self.context.presence, p.and_then(|p| p.get("presence"))) {
-            (Some(_), Some(data)) if !data.is_null() => Presence::validate(data).map(Some),
-            _ => Ok(None),
-        };
+        let filter = requested_filter(p);
+        let presence = self.requested_presence(p);
         self.connection.with_subscriptions(|subscriptions| {
             for topic in topics {
                 let reason = if !validate_topic(&topic) {
@@ -458,7 +490,7 @@ impl Inner {
                     Some("INVALID_PRESENCE")
                 } else if !subscriptions.contains(&topic) && limit != 0 && subscriptions.len() >= limit {
                     Some("LIMIT_EXCEEDED")
-                } else if !self.context.bus.set_filter(self.connection.id(), &topic, filter.clone().ok().flatten()) {
+                } else if !self.apply_filter(&topic, filter.as_ref().ok().and_then(Option::as_ref)) {
                     // A bus that cannot filter: better refused than delivered unfiltered.
                     Some("INVALID_FILTER")
                 } else {
@@ -482,6 +514,7 @@ impl Inner {
             "success_topics": success,
             "failed_topics": failed,
         });
+        #[cfg(feature = "presence")]
         if let (Some(tracker), Ok(data)) = (&self.context.presence, presence.as_ref()) {
             for topic in &success {
                 tracker.track(topic, &self.connection, data.clone());
@@ -492,15 +525,40 @@ impl Inner {
         }
         // The reasons are codes (§6.1.5); the details go into fields of their own.
         if let Err(error) = &filter {
-            ack["filter_error"] = error.message().into();
+            ack["filter_error"] = error.as_str().into();
         } else if reasons_mention(&ack, "INVALID_FILTER") {
             ack["filter_error"] = "this bus does not support filters".into();
         }
         if let Err(error) = &presence {
-            ack["presence_error"] = error.to_string().into();
+            ack["presence_error"] = error.as_str().into();
         }
         ack["recovered"] = false.into();
         ack
+    }
+
+    /// Sets (or clears) the filter of this connection's subscription to `topic`; false when
+    /// the bus cannot filter.
+    fn apply_filter(&self, topic: &str, filter: Option<&RequestFilter>) -> bool {
+        #[cfg(feature = "filters")]
+        return self.context.bus.set_filter(self.connection.id(), topic, filter.cloned());
+        #[cfg(not(feature = "filters"))]
+        {
+            let _ = topic;
+            filter.is_none()
+        }
+    }
+
+    /// The validated `p.presence` of a subscribe request; ignored while presence is off.
+    fn requested_presence(&self, p: Option<&Value>) -> Result<Option<PresenceData>, String> {
+        #[cfg(feature = "presence")]
+        if let (Some(_), Some(data)) = (&self.context.presence, p.and_then(|p| p.get("presence"))) {
+            if !data.is_null() {
+                return Presence::validate(data).map(Some).map_err(|error| error.to_string());
+            }
+        }
+        #[cfg(not(feature = "presence"))]
+        let _ = p;
+        Ok(None)
     }
 
     fn unsubscribe(&self, topics: Vec<String>) -> Value {
@@ -508,6 +566,7 @@ impl Inner {
             for topic in &topics {
                 if subscriptions.remove(topic) {
                     self.context.bus.unsubscribe(self.connection.id(), topic);
+                    #[cfg(feature = "presence")]
                     if let Some(presence) = &self.context.presence {
                         presence.untrack(topic, self.connection.id());
                     }
@@ -607,7 +666,35 @@ impl Inner {
             encrypted: origin.encrypted,
             signature: origin.signature,
         };
-        let events = self.context.handler.handle(message).await?;
+        let call = self.context.handler.handle(message);
+        let events = match &self.context.handler_guard {
+            Some(guard) => guard.guard(&self.connection, call).await?,
+            None => call.await?,
+        };
         Ok(Reply { messages: events.into_iter().map(Outbound::event).collect(), close: None })
+    }
+}
+
+/// A subscription filter as the bus takes it.
+#[cfg(feature = "filters")]
+type RequestFilter = Arc<Filter>;
+#[cfg(not(feature = "filters"))]
+type RequestFilter = std::convert::Infallible;
+
+/// A connection's presence data.
+#[cfg(feature = "presence")]
+type PresenceData = Map<String, Value>;
+#[cfg(not(feature = "presence"))]
+type PresenceData = std::convert::Infallible;
+
+/// The `p.filter` of a subscribe request, compiled (and shared with equal filters), or why it
+/// is unusable.
+fn requested_filter(p: Option<&Value>) -> Result<Option<RequestFilter>, String> {
+    match p.and_then(|p| p.get("filter")) {
+        None | Some(Value::Null) => Ok(None),
+        #[cfg(feature = "filters")]
+        Some(expression) => Filter::intern(expression).map(Some).map_err(|error| error.message().to_owned()),
+        #[cfg(not(feature = "filters"))]
+        Some(_) => Err("this server is built without filters (cargo feature `filters`)".to_owned()),
     }
 }

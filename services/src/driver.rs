@@ -243,6 +243,7 @@ where
 
     registry.unregister(connection.id());
     release_subscriptions(&connection, context.bus.as_ref());
+    #[cfg(feature = "presence")]
     if let Some(presence) = &context.presence {
         // After the bus unsubscribe: the leave goes to the others, not to this connection.
         presence.release(connection.id());

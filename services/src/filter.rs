@@ -63,9 +63,11 @@
 //! publication once per distinct filter ([`Verdicts`]) rather than once per subscriber, and
 //! a regular expression is compiled once however many subscriptions use it.
 //!
-//! Filters apply to live fan-out only: recovery replays and presence events are not
-//! filtered. With recovery on, a filtered subscription therefore sees offset gaps, which a
-//! client running the gap detection of PROTOCOL.md §9.5 would try to recover.
+//! Filters apply to live fan-out; presence events are not filtered. A filtered subscription
+//! skips offsets by design, so with recovery on it receives publications without their
+//! recovery stamp ([`Publication::unstamped`](crate::publication::Publication::unstamped)) and
+//! is not recoverable: a client running the gap detection of PROTOCOL.md §9.5 would otherwise
+//! ask to recover every offset the filter skipped.
 
 use std::borrow::Cow;
 use std::cmp::Ordering as Order;

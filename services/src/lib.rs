@@ -17,9 +17,11 @@ pub mod connection;
 pub mod dispatch;
 pub mod dlq;
 pub mod driver;
+#[cfg(feature = "filters")]
 pub mod filter;
 pub mod handler;
 pub mod message;
+#[cfg(feature = "presence")]
 pub mod presence;
 pub mod publication;
 pub mod queue;

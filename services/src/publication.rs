@@ -4,6 +4,10 @@
 //! a given form (plain JSON, `C:` compressed JSON, `M:` msgpack) encodes it; every other
 //! subscriber shares those bytes, so fan-out costs no per-subscriber serialization.
 //!
+//! The `C:` form needs the `compression` cargo feature and the `M:` form the `msgpack` one
+//! (both on by default); without `compression` the `compression` argument of
+//! [`Publication::frame`] is ignored and publications always go out as plain JSON.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use wsengine_core::{Envelope, Frame, WireFormat};
@@ -24,6 +28,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tungstenite::Utf8Bytes;
+#[cfg(feature = "compression")]
 use wsengine_core::frame::compress;
 use wsengine_core::{Envelope, Frame, Stamp, WireFormat};
 
@@ -49,10 +54,16 @@ pub struct Publication {
     signer: Option<Arc<dyn PublicationSigner>>,
     signed: OnceLock<Option<Signed>>,
     json: OnceLock<Utf8Bytes>,
+    #[cfg(feature = "compression")]
     compressed: OnceLock<Option<Bytes>>,
+    #[cfg(feature = "msgpack")]
     msgpack: OnceLock<Bytes>,
     /// The outbound-queue ordering key, computed once rather than once per subscriber.
     order_key: OnceLock<OrderKey>,
+    /// The recovery stamp, when the publication carries one.
+    stamp: Option<Stamp>,
+    /// The same publication without its stamp, built for the first filtered subscriber.
+    unstamped: OnceLock<Arc<Publication>>,
 }
 
 /// The content with its `sig` in place.
@@ -102,9 +113,13 @@ impl Publication {
             signer: None,
             signed: OnceLock::new(),
             json: OnceLock::new(),
+            #[cfg(feature = "compression")]
             compressed: OnceLock::new(),
+            #[cfg(feature = "msgpack")]
             msgpack: OnceLock::new(),
             order_key: OnceLock::new(),
+            stamp: None,
+            unstamped: OnceLock::new(),
         }
     }
 
@@ -129,16 +144,20 @@ impl Publication {
             signer: None,
             signed: OnceLock::new(),
             json: OnceLock::new(),
+            #[cfg(feature = "compression")]
             compressed: OnceLock::new(),
+            #[cfg(feature = "msgpack")]
             msgpack: OnceLock::new(),
             order_key: OnceLock::new(),
+            stamp: None,
+            unstamped: OnceLock::new(),
         })
     }
 
     /// Sets the recovery stamp. Only before the publication is shared (it is part of every encoding).
     pub fn with_stamp(mut self, stamp: Stamp) -> Self {
         match &mut self.content {
-            Content::Envelope(envelope) => envelope.stamp = Some(stamp),
+            Content::Envelope(envelope) => envelope.stamp = Some(stamp.clone()),
             Content::Raw { json, .. } => {
                 // Prepared once already, so only the stamp is inserted this time.
                 if let Ok(stamped) = wsengine_core::envelope::prepare_raw_publication(json.as_bytes(), Some(&stamp)) {
@@ -148,8 +167,55 @@ impl Publication {
                 }
             }
         }
+        self.stamp = Some(stamp);
         self.forget_encodings();
         self
+    }
+
+    /// The recovery stamp (`tp`, `e`, `o`), when recovery is on.
+    pub fn stamp(&self) -> Option<&Stamp> {
+        self.stamp.as_ref()
+    }
+
+    /// The same publication without the recovery stamp (itself when it has none), built once
+    /// and shared like any publication. A filtered subscription receives this form: it skips
+    /// offsets by design, and a client seeing stamped offsets jump would take the skipped ones
+    /// for lost and ask to recover them (PROTOCOL.md §9.5). Same `id`, `ts` and payload; a
+    /// signed publication is signed again without the stamp.
+    pub fn unstamped(self: &Arc<Self>) -> Arc<Publication> {
+        let Some(stamp) = &self.stamp else { return Arc::clone(self) };
+        let unstamped = self.unstamped.get_or_init(|| {
+            let content = match &self.content {
+                Content::Envelope(envelope) => {
+                    let mut envelope = envelope.clone();
+                    envelope.stamp = None;
+                    Content::Envelope(envelope)
+                }
+                Content::Raw { json, message_type } => {
+                    let stripped = wsengine_core::envelope::strip_raw_stamp(json.as_bytes(), stamp)
+                        .and_then(|bytes| Utf8Bytes::try_from(bytes).ok())
+                        .expect("a stamped raw publication starts with the stamp the engine inserted");
+                    Content::Raw { json: stripped, message_type: message_type.clone() }
+                }
+            };
+            Arc::new(Publication {
+                topic: self.topic.clone(),
+                content,
+                priority: self.priority,
+                caller_id: self.caller_id.clone(),
+                signer: self.signer.clone(),
+                signed: OnceLock::new(),
+                json: OnceLock::new(),
+                #[cfg(feature = "compression")]
+                compressed: OnceLock::new(),
+                #[cfg(feature = "msgpack")]
+                msgpack: OnceLock::new(),
+                order_key: OnceLock::from(self.order_key()),
+                stamp: None,
+                unstamped: OnceLock::new(),
+            })
+        });
+        Arc::clone(unstamped)
     }
 
     /// Signs the publication with `signer` when it is first encoded (after any stamping).
@@ -175,8 +241,14 @@ impl Publication {
     fn forget_encodings(&mut self) {
         self.signed = OnceLock::new();
         self.json = OnceLock::new();
-        self.compressed = OnceLock::new();
-        self.msgpack = OnceLock::new();
+        #[cfg(feature = "compression")]
+        {
+            self.compressed = OnceLock::new();
+        }
+        #[cfg(feature = "msgpack")]
+        {
+            self.msgpack = OnceLock::new();
+        }
     }
 
     /// The content with the signature in place, computed once; `None` when unsigned.
@@ -268,35 +340,47 @@ impl Publication {
     /// The wire frame for a connection of `format`. With `compression = Some((threshold, level))`
     /// a JSON encoding longer than `threshold` is sent as `C:` when that is smaller.
     /// The compression parameters are engine-wide: the first call memoizes the result.
+    /// Without the `compression` cargo feature `compression` is ignored (never `C:`).
     pub fn frame(&self, format: WireFormat, compression: Option<(usize, u32)>) -> Frame {
-        match format {
-            WireFormat::MsgPack => Frame::Binary(self.msgpack().clone()),
-            WireFormat::Json => {
-                let json = self.json();
-                if let Some((threshold, level)) = compression {
-                    if json.len() > threshold {
-                        let compressed = self.compressed.get_or_init(|| {
-                            let c = compress(json.as_bytes(), level);
-                            (c.len() < json.len()).then(|| Bytes::from(c))
-                        });
-                        if let Some(c) = compressed {
-                            return Frame::Binary(c.clone());
-                        }
-                    }
+        // Not a `match`: wsengine-core may have `msgpack` while this crate does not, and then
+        // a msgpack connection is served JSON.
+        #[cfg(feature = "msgpack")]
+        if format == WireFormat::MsgPack {
+            return Frame::Binary(self.msgpack().clone());
+        }
+        #[cfg(not(feature = "msgpack"))]
+        let _ = format;
+        let json = self.json();
+        #[cfg(not(feature = "compression"))]
+        let _ = compression;
+        #[cfg(feature = "compression")]
+        if let Some((threshold, level)) = compression {
+            if json.len() > threshold {
+                let compressed = self.compressed.get_or_init(|| {
+                    let c = compress(json.as_bytes(), level);
+                    (c.len() < json.len()).then(|| Bytes::from(c))
+                });
+                if let Some(c) = compressed {
+                    return Frame::Binary(c.clone());
                 }
-                Frame::Text(json.clone())
             }
         }
+        Frame::Text(json.clone())
     }
 
-    /// The plaintext JSON bytes (what an `E:` frame of a JSON connection carries).
+    /// The plaintext JSON bytes (what an `E:` frame of a JSON connection carries), or the
+    /// `M:` frame on a msgpack connection.
     pub fn plaintext(&self, format: WireFormat) -> Bytes {
-        match format {
-            WireFormat::Json => Bytes::from(self.json().clone()),
-            WireFormat::MsgPack => self.msgpack().clone(),
+        #[cfg(feature = "msgpack")]
+        if format == WireFormat::MsgPack {
+            return self.msgpack().clone();
         }
+        #[cfg(not(feature = "msgpack"))]
+        let _ = format;
+        Bytes::from(self.json().clone())
     }
 
+    #[cfg(feature = "msgpack")]
     fn msgpack(&self) -> &Bytes {
         self.msgpack.get_or_init(|| {
             let body = match (self.signed(), &self.content) {

@@ -113,7 +113,7 @@ pub struct Admission {
     pub identity: Option<Identity>,
     /// Set when authentication failed.
     pub rejection: Option<AuthRejection>,
-    /// JSON or msgpack.
+    /// JSON or msgpack (`?format=msgpack`; always JSON without the `msgpack` cargo feature).
     pub format: WireFormat,
     /// The topic ACL a handshake layer installed, if any.
     pub acl: Option<TopicAcl>,

@@ -20,6 +20,10 @@ OPTIONS:
     --listen ADDR     address to listen on (default 127.0.0.1:5006; overrides the config)
     --config FILE     TOML configuration file; every key can also be set with WSENGINE_<KEY>
     --print-config    print the effective configuration and exit
+
+SIGTERM or Ctrl-C drains: connections are closed with drain_close_code (4300) so that
+clients reconnect; the server exits when they are gone or after drain_timeout. A second
+signal exits at once.
 ";
 
 struct Args {
@@ -124,7 +128,20 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         engine.config().path
     );
     let server = tokio::spawn(engine.clone().serve(listener));
+    // SIGTERM or Ctrl-C drains: every client is closed with the drain code (4300 by default)
+    // and reconnects, to this server's successor or another node. A shutdown's 1001 would be
+    // final for the TypeScript client (PROTOCOL.md §12.1). A second signal stops at once.
     shutdown_signal().await;
+    let drain_timeout = engine.config().drain_timeout;
+    tracing::info!(
+        connections = engine.connection_count(),
+        "draining (up to {drain_timeout:?}); signal again to stop now"
+    );
+    engine.drain();
+    tokio::select! {
+        () = engine.wait_for_connections(drain_timeout) => {}
+        () = shutdown_signal() => tracing::info!("second signal: stopping now"),
+    }
     tracing::info!("shutting down");
     engine.shutdown();
     server.await??;

@@ -159,6 +159,7 @@ impl Signing {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "signing")]
     #[test]
     fn built_from_config() {
         let off = MessageSecurity::from_config(&Config { encryption: "off".into(), ..Config::default() });
