@@ -81,6 +81,8 @@ use wsengine_services::websocket::{Admission, Connector, ConnectorSettings, Stac
 
 use crate::config::{Config, ConfigError};
 
+#[cfg(feature = "circuit_breaker")]
+mod connection_breaker;
 #[cfg(feature = "presence")]
 mod presence;
 mod rate_limits;

@@ -63,12 +63,9 @@ impl MessageSecurity {
     }
 
     /// Whether outbound application data is signed.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "signing"))]
     pub(super) fn signs_outbound(&self) -> bool {
-        #[cfg(feature = "signing")]
-        return self.signing.as_ref().is_some_and(|s| s.outbound);
-        #[cfg(not(feature = "signing"))]
-        false
+        self.signing.as_ref().is_some_and(|s| s.outbound)
     }
 
     #[cfg(feature = "encryption")]
@@ -155,11 +152,10 @@ impl Signing {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "signing"))]
 mod tests {
     use super::*;
 
-    #[cfg(feature = "signing")]
     #[test]
     fn built_from_config() {
         let off = MessageSecurity::from_config(&Config { encryption: "off".into(), ..Config::default() });
