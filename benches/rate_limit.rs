@@ -31,7 +31,7 @@ use wsengine::services::message::{BoxError, Inbound, Outbound, Reply};
 
 fn connection(user: &str) -> std::sync::Arc<Connection> {
     let (tx, _) = wsengine::services::connection::delivery_channel(1);
-    let identity = Some(Identity { user_id: user.to_owned() });
+    let identity = Some(Identity::new(user));
     std::sync::Arc::new(Connection::new(ConnectionId::new(), identity, WireFormat::Json, tx))
 }
 

@@ -204,6 +204,13 @@ pub struct Config {
     /// refresh, which only runs on 4401 (PROTOCOL.md §2.5). Default false.
     pub reject_before_upgrade: bool,
 
+    /// Close a connection when its credentials expire (a JWT's `exp` plus `jwt_leeway`, or the
+    /// expiry a custom auth hook grants): `AUTH_FAILED` "Token expired" and close 4401, at the
+    /// first heartbeat tick (`ping_interval`) after that moment. The TypeScript client then
+    /// refreshes its token (with a refresh hook) and reconnects; the Python client stops.
+    /// Default false: a session outlives its token.
+    pub close_on_token_expiry: bool,
+
     /// PEM file with the TLS certificate chain. Together with `tls_key` the listener speaks
     /// only TLS (`https://` and `wss://` on the same port). Default: none (plain TCP).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -494,6 +501,7 @@ impl Default for Config {
             jwt_cookie: "access_token".to_owned(),
             allow_anonymous: None,
             reject_before_upgrade: false,
+            close_on_token_expiry: false,
             tls_cert: None,
             tls_key: None,
             max_subscriptions_per_connection: 0,

@@ -162,7 +162,9 @@ impl HandshakeLayers {
             None if config.anonymous_allowed() => None,
             None => Some(AuthLayer::refuse_all()),
         };
-        layers.auth = auth.map(|layer| layer.reject_before_upgrade(config.reject_before_upgrade));
+        layers.auth = auth.map(|layer| {
+            layer.reject_before_upgrade(config.reject_before_upgrade).close_on_expiry(config.close_on_token_expiry)
+        });
         Ok(layers)
     }
 

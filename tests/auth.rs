@@ -445,7 +445,7 @@ async fn custom_hook_decides_and_sees_the_peer() {
         match request.headers.get("x-user").and_then(|v| v.to_str().ok()) {
             Some("") | None => Err(Denial::new()),
             Some("banned") => Err(Denial::with_message("User is banned")),
-            Some(user) => Ok(Grant { user_id: user.to_owned(), acl: Some(TopicAcl::new(vec![], vec!["vip".into()])) }),
+            Some(user) => Ok(Grant { acl: Some(TopicAcl::new(vec![], vec!["vip".into()])), ..Grant::user(user) }),
         }
     });
     let server = start_with(|_| {}, |builder| builder.auth_hook(hook)).await;
@@ -465,4 +465,38 @@ async fn custom_hook_decides_and_sees_the_peer() {
     let error = Engine::builder(config).auth_hook(hook).build().unwrap_err();
     assert_eq!(error.key(), Some("jwt_secret"));
     server.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_the_session_only_with_close_on_token_expiry() {
+    let configure = |close: bool| {
+        move |c: &mut Config| {
+            c.jwt_secret = Some(SECRET.into());
+            c.jwt_leeway = Duration::ZERO;
+            c.ping_interval = Duration::from_millis(200);
+            c.close_on_token_expiry = close;
+        }
+    };
+    let closing = start(configure(true)).await;
+    let keeping = start(configure(false)).await;
+    let short = hs(&json!({"sub": "brief", "exp": now() + 2}));
+    let (name, value) = bearer(&short);
+    let mut expiring = connect(closing.addr, &[(name, &value)]).await;
+    let mut outliving = connect(keeping.addr, &[(name, &value)]).await;
+    let long = hs(&claims("steady"));
+    let (name, value) = bearer(&long);
+    let mut neighbour = connect(closing.addr, &[(name, &value)]).await;
+
+    let error = tokio::time::timeout(Duration::from_secs(5), expiring.recv()).await.expect("closed in time").unwrap();
+    assert_eq!((error["t"].as_str(), error["p"]["code"].as_str()), (Some("error"), Some("AUTH_FAILED")), "{error}");
+    assert_eq!(error["p"]["message"], "Token expired");
+    assert_eq!(expiring.recv().await.expect_err("closed").close_code(), Some(4401));
+
+    // Without the setting the session outlives its token (two more ticks); other sessions are
+    // untouched.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(outliving.ping().await.is_ok());
+    assert!(neighbour.ping().await.is_ok());
+    closing.stop().await;
+    keeping.stop().await;
 }

@@ -20,7 +20,7 @@ use wsengine::{Config, Engine, Envelope};
 fn identify<B>(mut request: http::Request<B>) -> http::Request<B> {
     match request.headers().get("x-user").and_then(|v| v.to_str().ok()).map(str::to_owned) {
         Some(user) => {
-            request.extensions_mut().insert(Identity { user_id: user });
+            request.extensions_mut().insert(Identity::new(user));
         }
         None => {
             let error = ProtocolError::new(ErrorCode::AuthRequired, "No JWT cookie or Authorization header");

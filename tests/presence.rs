@@ -19,7 +19,7 @@ async fn server(configure: impl FnOnce(&mut Config)) -> TestServer {
     let hook = auth_fn(|request| async move {
         let user = request.query.as_deref().and_then(|q| q.strip_prefix("user=")).map(str::to_owned);
         match user {
-            Some(user_id) => Ok(Grant { user_id, acl: None }),
+            Some(user_id) => Ok(Grant::user(user_id)),
             None => Err(Denial::new()),
         }
     });

@@ -128,7 +128,7 @@ fn user_from_query() -> impl wsengine::layers::auth::AuthHook {
     auth_fn(|request| async move {
         let query = request.query.unwrap_or_default();
         match query.split('&').find_map(|pair| pair.strip_prefix("user=")) {
-            Some(user) => Ok(Grant { user_id: user.to_owned(), acl: None }),
+            Some(user) => Ok(Grant::user(user)),
             None => Err(Denial::new()),
         }
     })

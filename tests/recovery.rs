@@ -314,7 +314,7 @@ async fn a_denied_topic_is_never_replayed_and_its_position_never_revealed() {
     use wsengine::layers::auth::{Grant, auth_fn};
     use wsengine::services::acl::TopicAcl;
     let hook = auth_fn(|_request| async move {
-        Ok(Grant { user_id: "eve".into(), acl: Some(TopicAcl::new(vec![], vec!["secret*".into()])) })
+        Ok(Grant { acl: Some(TopicAcl::new(vec![], vec!["secret*".into()])), ..Grant::user("eve") })
     });
     let server = start_with(recovery, |builder| builder.auth_hook(hook)).await;
     let engine = server.engine.clone();

@@ -188,6 +188,16 @@ pub struct Grant {
     pub user_id: String,
     /// The topic ACL (`wse_topics`), if any.
     pub acl: Option<TopicAcl>,
+    /// When the credentials expire (a JWT's `exp` plus the leeway); with
+    /// [`AuthLayer::close_on_expiry`] the connection is closed then.
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
+impl Grant {
+    /// A user without a topic ACL or an expiry.
+    pub fn user(user_id: impl Into<String>) -> Self {
+        Grant { user_id: user_id.into(), acl: None, expires_at: None }
+    }
 }
 
 /// Validates JWTs as PROTOCOL.md §2.4 prescribes.
@@ -312,7 +322,13 @@ impl JwtVerifier {
         } else {
             self.retry(token, "key id does not match")?
         };
-        grant(claims)
+        let mut grant = grant(&claims)?;
+        // `exp` is required and was validated, so it is a number here.
+        grant.expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|exp| std::time::UNIX_EPOCH + Duration::from_secs(exp.saturating_add(self.validation.leeway)));
+        Ok(grant)
     }
 
     fn retry(&self, token: &str, why: &'static str) -> Result<Value, AuthFailure> {
@@ -324,7 +340,7 @@ impl JwtVerifier {
 }
 
 /// `sub` and `wse_topics` of validated claims.
-fn grant(claims: Value) -> Result<Grant, AuthFailure> {
+fn grant(claims: &Value) -> Result<Grant, AuthFailure> {
     let acl = match claims.get("wse_topics") {
         None => None,
         Some(Value::Object(lists)) => Some(TopicAcl::new(globs(lists.get("allow"))?, globs(lists.get("deny"))?)),
@@ -332,7 +348,7 @@ fn grant(claims: Value) -> Result<Grant, AuthFailure> {
         Some(_) => return Err(AuthFailure::failed("wse_topics is not an object")),
     };
     match claims.get("sub") {
-        Some(Value::String(sub)) if !sub.is_empty() => Ok(Grant { user_id: sub.clone(), acl }),
+        Some(Value::String(sub)) if !sub.is_empty() => Ok(Grant { user_id: sub.clone(), acl, expires_at: None }),
         _ => Err(AuthFailure {
             code: ErrorCode::AuthFailed,
             message: MESSAGE_NO_SUBJECT.into(),
@@ -437,7 +453,7 @@ impl<H: AuthHook + ?Sized> AuthHook for Arc<H> {
 ///
 /// let hook = auth_fn(|request| async move {
 ///     match request.headers.get("x-api-user").and_then(|v| v.to_str().ok()) {
-///         Some(user) => Ok(Grant { user_id: user.to_owned(), acl: None }),
+///         Some(user) => Ok(Grant::user(user)),
 ///         None => Err(Denial::with_message("Unknown user")),
 ///     }
 /// });
@@ -488,6 +504,7 @@ struct Policy {
     method: Method,
     allow_anonymous: bool,
     reject_before_upgrade: bool,
+    close_on_expiry: bool,
 }
 
 /// The handshake-tier authentication layer; see the [module documentation](self).
@@ -507,13 +524,15 @@ impl fmt::Debug for AuthLayer {
             .field("method", &method)
             .field("allow_anonymous", &self.policy.allow_anonymous)
             .field("reject_before_upgrade", &self.policy.reject_before_upgrade)
+            .field("close_on_expiry", &self.policy.close_on_expiry)
             .finish()
     }
 }
 
 impl AuthLayer {
     fn with(method: Method) -> Self {
-        AuthLayer { policy: Arc::new(Policy { method, allow_anonymous: false, reject_before_upgrade: false }) }
+        let policy = Policy { method, allow_anonymous: false, reject_before_upgrade: false, close_on_expiry: false };
+        AuthLayer { policy: Arc::new(policy) }
     }
 
     fn policy_mut(&mut self) -> &mut Policy {
@@ -558,6 +577,15 @@ impl AuthLayer {
         self.policy_mut().reject_before_upgrade = reject;
         self
     }
+
+    /// Closes a connection when its credentials expire ([`Grant::expires_at`]: a JWT's `exp`
+    /// plus the leeway): the client gets `AUTH_FAILED` "Token expired" and close 4401 at the
+    /// first heartbeat tick after that moment. The TypeScript client refreshes its token and
+    /// reconnects; the Python client stops (PROTOCOL.md §12.1).
+    pub fn close_on_expiry(mut self, close: bool) -> Self {
+        self.policy_mut().close_on_expiry = close;
+        self
+    }
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -593,10 +621,12 @@ fn record<B, ResBody: Default>(
     request: &mut Request<B>,
     verdict: Result<Option<Grant>, AuthFailure>,
     reject_before_upgrade: bool,
+    close_on_expiry: bool,
 ) -> Option<Response<ResBody>> {
     match verdict {
-        Ok(Some(Grant { user_id, acl })) => {
-            request.extensions_mut().insert(Identity { user_id });
+        Ok(Some(Grant { user_id, acl, expires_at })) => {
+            let expires_at = expires_at.filter(|_| close_on_expiry);
+            request.extensions_mut().insert(Identity { user_id, expires_at });
             if let Some(acl) = acl {
                 request.extensions_mut().insert(acl);
             }
@@ -643,7 +673,7 @@ where
             Method::Nobody => Err(AuthFailure::required()),
             Method::Custom(hook) => {
                 let hook = Arc::clone(hook);
-                let reject_before_upgrade = policy.reject_before_upgrade;
+                let (reject_before_upgrade, close_on_expiry) = (policy.reject_before_upgrade, policy.close_on_expiry);
                 let asked = AuthRequest {
                     headers: request.headers().clone(),
                     query: request.uri().query().map(str::to_owned),
@@ -662,14 +692,14 @@ where
                             detail: "refused by the custom hook".into(),
                         }),
                     };
-                    if let Some(response) = record(&mut request, verdict, reject_before_upgrade) {
+                    if let Some(response) = record(&mut request, verdict, reject_before_upgrade, close_on_expiry) {
                         return Ok(response);
                     }
                     inner.call(request).await
                 })));
             }
         };
-        match record(&mut request, verdict, policy.reject_before_upgrade) {
+        match record(&mut request, verdict, policy.reject_before_upgrade, policy.close_on_expiry) {
             Some(response) => Either::Left(ready(Ok(response))),
             None => Either::Right(Either::Left(self.inner.call(request))),
         }
@@ -729,13 +759,17 @@ mod tests {
     #[test]
     fn claims_become_a_grant() {
         let verifier = JwtVerifier::hs256(SECRET).unwrap();
+        let expires = exp();
         let grant = verifier
             .verify(&token(serde_json::json!({
-                "sub": "u1", "exp": exp(),
+                "sub": "u1", "exp": expires,
                 "wse_topics": {"allow": ["news.*", 5, null], "deny": ["news.secret"]}
             })))
             .unwrap();
         assert_eq!(grant.user_id, "u1");
+        // The session may last until `exp` plus the leeway.
+        let expected = std::time::UNIX_EPOCH + Duration::from_secs(expires) + DEFAULT_LEEWAY;
+        assert_eq!(grant.expires_at, Some(expected));
         let acl = grant.acl.unwrap();
         assert_eq!(acl.allow(), ["news.*"]);
         assert_eq!(acl.deny(), ["news.secret"]);

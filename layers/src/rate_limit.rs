@@ -560,7 +560,7 @@ mod tests {
 
     fn connection(user: Option<&str>) -> Arc<Connection> {
         let (tx, _rx) = wsengine_services::connection::delivery_channel(1);
-        let identity = user.map(|user| Identity { user_id: user.to_owned() });
+        let identity = user.map(Identity::new);
         Arc::new(Connection::new(ConnectionId::new(), identity, WireFormat::Json, tx))
     }
 

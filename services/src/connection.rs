@@ -209,6 +209,16 @@ impl DeliveryReceiver {
 pub struct Identity {
     /// The user id (`sub` of a JWT).
     pub user_id: String,
+    /// When the credentials stop being valid: the driver then sends `AUTH_FAILED` and closes
+    /// the connection with 4401 (checked at every heartbeat tick). `None`: never.
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
+impl Identity {
+    /// A user whose session does not expire.
+    pub fn new(user_id: impl Into<String>) -> Self {
+        Identity { user_id: user_id.into(), expires_at: None }
+    }
 }
 
 /// An authentication failure recorded by a handshake layer: the connection is upgraded, sent
@@ -229,6 +239,7 @@ pub struct Connection {
     dropped: Arc<AtomicU64>,
     shared: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
     acl: OnceLock<TopicAcl>,
+    expires_at: Option<std::time::SystemTime>,
 }
 
 impl Connection {
@@ -236,6 +247,7 @@ impl Connection {
     /// their connection id as user id.
     pub fn new(id: ConnectionId, identity: Option<Identity>, format: WireFormat, deliveries: DeliverySender) -> Self {
         let authenticated = identity.is_some();
+        let expires_at = identity.as_ref().and_then(|i| i.expires_at);
         let user_id = identity.map(|i| i.user_id).unwrap_or_else(|| id.to_string());
         Connection {
             id,
@@ -248,7 +260,13 @@ impl Connection {
             dropped: Arc::new(AtomicU64::new(0)),
             shared: Mutex::new(Vec::new()),
             acl: OnceLock::new(),
+            expires_at,
         }
+    }
+
+    /// When the connection's credentials expire (see [`Identity::expires_at`]).
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.expires_at
     }
 
     /// The connection id.

@@ -216,6 +216,12 @@ where
                 if last_activity.elapsed() >= settings.idle_timeout {
                     break Some((CloseCode::IDLE_TIMEOUT, "Idle timeout".into()));
                 }
+                // Expired credentials end the session as failed ones end a handshake (§2.5).
+                if connection.expires_at().is_some_and(|at| std::time::SystemTime::now() >= at) {
+                    let expired = ProtocolError::new(ErrorCode::AuthFailed, "Token expired");
+                    send(&mut outbound, Outbound::protocol(expired.to_envelope())).await;
+                    break Some((CloseCode::AUTH_FAILED, "Token expired".into()));
+                }
                 // PROTOCOL.md §10.3: still not keeping up at two consecutive ticks means 1013.
                 if queue.is_under_pressure() {
                     pressured_ticks += 1;

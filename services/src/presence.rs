@@ -19,7 +19,7 @@
 //! let bus = Arc::new(MemoryBus::new());
 //! let presence = Presence::new(bus.clone(), PresenceSettings::default());
 //! let (tx, mut rx) = wsengine_services::connection::delivery_channel(8);
-//! let identity = Identity { user_id: "alice".into() };
+//! let identity = Identity::new("alice");
 //! let alice = Arc::new(Connection::new(ConnectionId::new(), Some(identity), WireFormat::Json, tx));
 //! bus.subscribe(&alice, "room-1");
 //! let data = Presence::validate(&json!({"status": "online"})).unwrap();

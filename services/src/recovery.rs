@@ -28,7 +28,8 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -161,12 +162,21 @@ pub use history::TopicHistory;
 /// The idempotency window of publishes: a publication with a caller-supplied `id` published to
 /// the same topic again within the window is not delivered again; the retry gets the first
 /// publish's report (and so its stamp).
+///
+/// The ids are spread over independently locked shards by `(topic, id)`, so publishes with
+/// different ids rarely wait for each other, while concurrent retries of one id always meet in
+/// the same shard.
 #[derive(Debug)]
 pub struct PublishDedup {
     window: Duration,
+    /// Per shard.
     max_entries: usize,
-    state: Mutex<DedupState>,
+    shards: Box<[Mutex<DedupState>]>,
+    hasher: RandomState,
 }
+
+/// Shards of [`PublishDedup`].
+const DEDUP_SHARDS: usize = 32;
 
 #[derive(Debug, Default)]
 struct DedupState {
@@ -178,9 +188,20 @@ impl PublishDedup {
     /// Ids remembered at most, whatever the window (the oldest is forgotten first).
     pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
 
-    /// A window of `window`; at most `max_entries` ids are remembered.
+    /// A window of `window`; at most `max_entries` ids are remembered (rounded up to a
+    /// multiple of the shard count; each shard forgets its oldest first).
     pub fn new(window: Duration, max_entries: usize) -> Self {
-        PublishDedup { window, max_entries: max_entries.max(1), state: Mutex::new(DedupState::default()) }
+        PublishDedup {
+            window,
+            max_entries: max_entries.max(1).div_ceil(DEDUP_SHARDS),
+            shards: (0..DEDUP_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, topic: &str, id: &str) -> MutexGuard<'_, DedupState> {
+        let index = (self.hasher.hash_one((topic, id)) % DEDUP_SHARDS as u64) as usize;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `publish` unless `(topic, id)` was published within the window, in which case the
@@ -193,7 +214,7 @@ impl PublishDedup {
         publish: impl FnOnce() -> Result<PublishReport, E>,
     ) -> Result<PublishReport, E> {
         let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.shard(topic, id);
         while let Some((at, key)) = state.order.front() {
             if now.duration_since(*at) < self.window && state.order.len() < self.max_entries {
                 break;
@@ -214,7 +235,7 @@ impl PublishDedup {
 
     /// Ids currently remembered.
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).reports.len()
+        self.shards.iter().map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).reports.len()).sum()
     }
 
     /// Whether no id is remembered.
@@ -357,8 +378,8 @@ mod tests {
 
     #[tokio::test]
     async fn dedup_is_bounded_by_count() {
-        let dedup = PublishDedup::new(Duration::from_secs(60), 3);
-        for n in 0..10 {
+        let dedup = PublishDedup::new(Duration::from_secs(60), 3 * DEDUP_SHARDS);
+        for n in 0..10 * DEDUP_SHARDS {
             let id = n.to_string();
             dedup
                 .publish_once::<()>("a", &id, || {
@@ -366,6 +387,39 @@ mod tests {
                 })
                 .unwrap();
         }
-        assert!(dedup.len() <= 3);
+        assert!(dedup.len() <= 3 * DEDUP_SHARDS);
+        assert!(dedup.len() >= DEDUP_SHARDS, "{} ids kept", dedup.len());
+    }
+
+    #[test]
+    fn publishes_with_different_ids_do_not_wait_for_each_other() {
+        let dedup = Arc::new(PublishDedup::new(Duration::from_secs(60), 1000));
+        let report = || PublishReport { delivered: 0, dropped: 0, publication: Arc::new(publication("a", 0)) };
+        // Two ids in different shards (found by trying): one publish blocks until the other is done.
+        let (first, second) = (0..)
+            .map(|n| n.to_string())
+            .map(|id| (id.clone(), format!("{id}-other")))
+            .find(|(a, b)| {
+                let shard = |id: &str| dedup.hasher.hash_one(("a", id)) % DEDUP_SHARDS as u64;
+                shard(a) != shard(b)
+            })
+            .unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let blocked = std::thread::spawn({
+            let dedup = Arc::clone(&dedup);
+            move || {
+                dedup
+                    .publish_once::<()>("a", &first, || {
+                        done_rx.recv_timeout(Duration::from_secs(3)).expect("the other publish was not held up");
+                        Ok(report())
+                    })
+                    .unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        dedup.publish_once::<()>("a", &second, || Ok(report())).unwrap();
+        done_tx.send(()).unwrap();
+        blocked.join().unwrap();
+        assert_eq!(dedup.len(), 2);
     }
 }
