@@ -105,9 +105,14 @@ impl Publication {
         }
         envelope.seq = None;
         let priority = envelope.pri.unwrap_or(priority::NORMAL);
+        Self::unencoded(topic, Content::Envelope(Box::new(envelope)), priority, caller_id)
+    }
+
+    /// A publication with nothing encoded, signed or stamped yet.
+    fn unencoded(topic: Option<String>, content: Content, priority: u8, caller_id: Option<String>) -> Self {
         Publication {
             topic,
-            content: Content::Envelope(Box::new(envelope)),
+            content,
             priority,
             caller_id,
             signer: None,
@@ -136,22 +141,7 @@ impl Publication {
         let message_type = value.get("t").and_then(|t| t.as_str()).map(str::to_owned);
         let caller_id = value.get("id").and_then(|t| t.as_str()).map(str::to_owned);
         let text = Utf8Bytes::try_from(prepared).map_err(|_| wsengine_core::DecodeError::NotUtf8)?;
-        Ok(Publication {
-            topic: Some(topic.into()),
-            content: Content::Raw { json: text, message_type },
-            priority: priority::NORMAL,
-            caller_id,
-            signer: None,
-            signed: OnceLock::new(),
-            json: OnceLock::new(),
-            #[cfg(feature = "compression")]
-            compressed: OnceLock::new(),
-            #[cfg(feature = "msgpack")]
-            msgpack: OnceLock::new(),
-            order_key: OnceLock::new(),
-            stamp: None,
-            unstamped: OnceLock::new(),
-        })
+        Ok(Self::unencoded(Some(topic.into()), Content::Raw { json: text, message_type }, priority::NORMAL, caller_id))
     }
 
     /// Sets the recovery stamp. Only before the publication is shared (it is part of every encoding).
@@ -198,22 +188,10 @@ impl Publication {
                     Content::Raw { json: stripped, message_type: message_type.clone() }
                 }
             };
-            Arc::new(Publication {
-                topic: self.topic.clone(),
-                content,
-                priority: self.priority,
-                caller_id: self.caller_id.clone(),
-                signer: self.signer.clone(),
-                signed: OnceLock::new(),
-                json: OnceLock::new(),
-                #[cfg(feature = "compression")]
-                compressed: OnceLock::new(),
-                #[cfg(feature = "msgpack")]
-                msgpack: OnceLock::new(),
-                order_key: OnceLock::from(self.order_key()),
-                stamp: None,
-                unstamped: OnceLock::new(),
-            })
+            let mut unstamped = Self::unencoded(self.topic.clone(), content, self.priority, self.caller_id.clone());
+            unstamped.signer = self.signer.clone();
+            unstamped.order_key = OnceLock::from(self.order_key());
+            Arc::new(unstamped)
         });
         Arc::clone(unstamped)
     }

@@ -337,15 +337,15 @@ mod tests {
     use super::*;
     use wsengine_core::Envelope;
 
-    fn publication(topic: &str, n: u64) -> Publication {
+    pub(super) fn publication(topic: &str, n: u64) -> Publication {
         Publication::new(topic, Envelope::new("tick", json!({"n": n})))
     }
 
-    fn settings(buffer_size: usize) -> RecoverySettings {
+    pub(super) fn settings(buffer_size: usize) -> RecoverySettings {
         RecoverySettings { buffer_size, ..RecoverySettings::default() }
     }
 
-    fn at(epoch: u32, offset: u64) -> Requested {
+    pub(super) fn at(epoch: u32, offset: u64) -> Requested {
         Requested::At { epoch, offset }
     }
 

@@ -183,6 +183,20 @@ impl TopicHistory {
         self.gates[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Locks `slot` if it still holds the topic's live buffer. `None` for a retired buffer, or
+    /// one idle for the TTL (retired now): the caller looks the topic up again.
+    fn lock_live<'a>(&self, slot: &'a Arc<Slot>) -> Option<MutexGuard<'a, TopicBuffer>> {
+        let mut buffer = slot.lock();
+        if buffer.retired {
+            return None;
+        }
+        if self.is_idle(buffer.last_publish, Instant::now()) {
+            self.retire_if(slot, &mut buffer, |_| true);
+            return None;
+        }
+        Some(buffer)
+    }
+
     fn is_idle(&self, last_publish: Instant, now: Instant) -> bool {
         now.duration_since(last_publish) >= self.settings.ttl
     }
@@ -231,14 +245,7 @@ impl TopicHistory {
                 break (slot, outcome);
             };
             let outcome = {
-                let mut buffer = slot.lock();
-                if buffer.retired {
-                    continue;
-                }
-                if self.is_idle(buffer.last_publish, Instant::now()) {
-                    self.retire_if(&slot, &mut buffer, |_| true);
-                    continue;
-                }
+                let Some(mut buffer) = self.lock_live(&slot) else { continue };
                 self.store_and_fan_out(&slot, &mut buffer, publication, fan_out)
             };
             break (slot, outcome);
@@ -393,14 +400,7 @@ impl TopicHistory {
                 register();
                 return RecoveryOutcome::no_buffer();
             };
-            let mut buffer = slot.lock();
-            if buffer.retired {
-                continue;
-            }
-            if self.is_idle(buffer.last_publish, Instant::now()) {
-                self.retire_if(&slot, &mut buffer, |_| true);
-                continue;
-            }
+            let Some(buffer) = self.lock_live(&slot) else { continue };
             register();
             return self.evaluate(&buffer, requested, limit);
         }
@@ -435,14 +435,7 @@ impl TopicHistory {
     pub fn position(&self, topic: &str) -> Option<(u32, u64)> {
         loop {
             let slot = self.lookup(topic)?;
-            let mut buffer = slot.lock();
-            if buffer.retired {
-                continue;
-            }
-            if self.is_idle(buffer.last_publish, Instant::now()) {
-                self.retire_if(&slot, &mut buffer, |_| true);
-                continue;
-            }
+            let Some(buffer) = self.lock_live(&slot) else { continue };
             return (buffer.next_offset > 0).then(|| (buffer.epoch, buffer.head()));
         }
     }
@@ -468,18 +461,10 @@ mod tests {
     use super::*;
     use crate::bus::PublishReport;
     use crate::recovery::PublishDedup;
+    use crate::recovery::tests::{at, publication, settings};
     use serde_json::json;
     use std::time::Duration;
-    use wsengine_core::Envelope;
     use wsengine_core::envelope::format_epoch;
-
-    fn publication(topic: &str, n: u64) -> Publication {
-        Publication::new(topic, Envelope::new("tick", json!({"n": n})))
-    }
-
-    fn settings(buffer_size: usize) -> RecoverySettings {
-        RecoverySettings { buffer_size, ..RecoverySettings::default() }
-    }
 
     fn stamp(p: &Publication) -> Stamp {
         p.envelope().unwrap().stamp.clone().unwrap()
@@ -487,10 +472,6 @@ mod tests {
 
     fn publish(history: &TopicHistory, topic: &str, n: u64) -> Arc<Publication> {
         history.publish(publication(topic, n), |_| ()).0
-    }
-
-    fn at(epoch: u32, offset: u64) -> Requested {
-        Requested::At { epoch, offset }
     }
 
     #[tokio::test]
