@@ -186,7 +186,8 @@ fn payload(bytes: usize) -> Value {
 fn frame_sizes(payload: &Value, config: &Config) -> (usize, usize, bool) {
     let publication = Publication::new("t", Envelope::new("bench", payload.clone()));
     let plain = publication.json_len();
-    let frame = publication.frame(WireFormat::Json, Some((config.compression_threshold, config.compression_level)));
+    let compression = config.compression.then_some((config.compression_threshold, config.compression_level));
+    let frame = publication.frame(WireFormat::Json, compression);
     (plain, frame.len(), !frame.is_text())
 }
 
@@ -201,7 +202,7 @@ fn variants() -> Vec<Variant> {
     let base = Config { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..defaults };
     vec![
         Variant { name: "default (compression_threshold 1024)", config: base.clone() },
-        Variant { name: "compression off", config: Config { compression_threshold: usize::MAX, ..base } },
+        Variant { name: "compression off", config: Config { compression: false, ..base } },
     ]
 }
 

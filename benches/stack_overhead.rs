@@ -154,7 +154,7 @@ fn main() {
             program: engine,
             reply_type: "echo_reply",
             engine: true,
-            env: vec![("WSENGINE_COMPRESSION_THRESHOLD", "1000000000")],
+            env: vec![("WSENGINE_COMPRESSION", "false")],
             min_payload: 1000,
         },
     ];
