@@ -132,6 +132,14 @@ pub struct Config {
     /// Default 65,536 (room for a maximal 8 KiB JWT sent both as cookie and as Bearer header).
     pub max_header_size: usize,
 
+    /// Kernel send buffer (SO_SNDBUF) of every accepted socket, in bytes; 0 leaves the
+    /// kernel's default and its autotuning (on Linux up to `net.ipv4.tcp_wmem`'s maximum,
+    /// often 4 MiB per socket). A cap bounds what a stalled client can hold in kernel memory
+    /// (the outbound queue then fills and the slow-consumer rules of PROTOCOL.md §10.3 apply
+    /// sooner), at the price of throughput on long fat links. 0 or 4096 to 67,108,864.
+    /// Default 0.
+    pub socket_send_buffer: usize,
+
     /// New WebSocket upgrades allowed per second from one peer IP; beyond the burst they get
     /// `429` with `Retry-After`. 0 turns the check off. Default 0 (off: clients behind one
     /// NAT or proxy share an IP; set it when clients connect directly).
@@ -486,6 +494,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 512,
             max_header_size: 64 * 1024,
+            socket_send_buffer: 0,
             connect_rate_per_ip: 0,
             connect_burst_per_ip: 10,
             allowed_origins: Vec::new(),
@@ -813,6 +822,12 @@ impl Config {
             return fail(
                 "max_header_size",
                 format!("must be at least {MIN_HEADER_SIZE} bytes, got {}", self.max_header_size),
+            );
+        }
+        if self.socket_send_buffer != 0 && !(4096..=64 << 20).contains(&self.socket_send_buffer) {
+            return fail(
+                "socket_send_buffer",
+                format!("must be 0 (kernel default) or 4096 to 67108864 bytes, got {}", self.socket_send_buffer),
             );
         }
         if self.connect_burst_per_ip == 0 {
@@ -1608,6 +1623,10 @@ mod tests {
             ("compression_level = 0", "compression_level: must be between 1 and 9, got 0"),
             ("compression_level = 10", "compression_level: must be between 1 and 9, got 10"),
             ("read_buffer_size = 255", "read_buffer_size: must be at least 256 bytes, got 255"),
+            (
+                "socket_send_buffer = 4095",
+                "socket_send_buffer: must be 0 (kernel default) or 4096 to 67108864 bytes, got 4095",
+            ),
             ("log = \" \"", "log: must not be empty (e.g. \"info\")"),
             (
                 "circuit_breaker_failure_rate = 0.0",

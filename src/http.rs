@@ -502,6 +502,17 @@ where
     drop(slot);
 }
 
+/// Per-socket options of an accepted connection: no Nagle delay (frames are coalesced by the
+/// driver already), and the configured send buffer.
+fn tune_socket(stream: &tokio::net::TcpStream, config: &crate::Config) {
+    stream.set_nodelay(true).ok();
+    if config.socket_send_buffer != 0 {
+        if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(config.socket_send_buffer) {
+            tracing::debug!(%error, "cannot set the socket send buffer");
+        }
+    }
+}
+
 pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Result<()> {
     let mut shutdown = engine.shutdown_signal();
     // Checks the current state first, so a shutdown before this task ran is not missed.
@@ -527,7 +538,7 @@ pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Res
                         continue;
                     }
                 };
-                stream.set_nodelay(true).ok();
+                tune_socket(&stream, engine.config());
                 let Some(slot) = PendingSlot::take(&pending, max_pending) else {
                     tracing::debug!(%peer, "connection refused: too many pending handshakes");
                     tokio::spawn(refuse_busy(stream, tls.is_some()));
@@ -565,7 +576,27 @@ pub(crate) async fn serve(engine: Engine, listener: TcpListener) -> std::io::Res
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, tune_socket};
+
+    /// The send buffer of an accepted loopback socket tuned with `socket_send_buffer`.
+    async fn send_buffer(listener: &tokio::net::TcpListener, configured: usize) -> usize {
+        let config = crate::Config { socket_send_buffer: configured, ..crate::Config::default() };
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune_socket(&accepted, &config);
+        assert!(accepted.nodelay().unwrap());
+        socket2::SockRef::from(&accepted).send_buffer_size().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_send_buffer_is_capped_only_when_configured() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let default = send_buffer(&listener, 0).await;
+        // Linux doubles the value for its bookkeeping.
+        let capped = send_buffer(&listener, 16 * 1024).await;
+        assert!((16 * 1024..=2 * 16 * 1024).contains(&capped), "{capped}");
+        assert!(default > capped, "the kernel default ({default}) is left alone");
+    }
 
     #[test]
     fn constant_time_eq_compares_whole_strings() {
