@@ -149,6 +149,12 @@ pub struct Config {
     /// Default 10.
     pub connect_burst_per_ip: u32,
 
+    /// Proxies (load balancers) in front of the engine, as addresses or CIDR networks, e.g.
+    /// `["10.0.0.0/8"]`. For requests from them, the per-IP connect rate keys on the client
+    /// address they report: the rightmost `X-Forwarded-For` entry that is not a trusted proxy.
+    /// Other peers are keyed by their own address whatever they send. Default empty.
+    pub trusted_proxies: Vec<String>,
+
     /// Origins allowed to open WebSocket connections, e.g. `["https://app.example.com",
     /// "https://*.example.com"]` (`*.` = any subdomain). An upgrade with an `Origin` header
     /// not on the list gets `403`; a request without `Origin` (not a browser) is let through.
@@ -498,6 +504,7 @@ impl Default for Config {
             connect_rate_per_ip: 0,
             connect_burst_per_ip: 10,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             jwt_algorithm: "HS256".to_owned(),
             jwt_secret: None,
             jwt_public_key: None,
@@ -832,6 +839,12 @@ impl Config {
         }
         if self.connect_burst_per_ip == 0 {
             return fail("connect_burst_per_ip", "must be at least 1");
+        }
+        #[cfg(feature = "admission")]
+        for proxy in &self.trusted_proxies {
+            if let Err(reason) = proxy.parse::<wsengine_layers::admission::IpNetwork>() {
+                return fail("trusted_proxies", reason);
+            }
         }
         if let Some(origin) = self.allowed_origins.iter().find(|o| !o.contains("://")) {
             return fail(
@@ -1585,6 +1598,15 @@ mod tests {
         let e = err_of("this is not toml");
         assert_eq!(e.key(), None);
         assert!(e.reason().contains("not valid TOML"), "{e}");
+    }
+
+    #[cfg(feature = "admission")]
+    #[test]
+    fn trusted_proxies_are_networks() {
+        let ok = Config::from_toml_str("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\", \"2001:db8::/32\"]");
+        assert_eq!(ok.unwrap().trusted_proxies.len(), 3);
+        let error = Config::from_toml_str("trusted_proxies = [\"10.0.0.0/33\"]").unwrap_err().to_string();
+        assert_eq!(error, "trusted_proxies: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32");
     }
 
     #[test]

@@ -189,14 +189,25 @@ impl HandshakeLayers {
             if let (Some(rate), Some(burst)) =
                 (NonZeroU32::new(config.connect_rate_per_ip), NonZeroU32::new(config.connect_burst_per_ip))
             {
-                layer = Some(layer.unwrap_or_default().connect_rate(rate, burst));
+                // Validated with the rest of the configuration.
+                let proxies = config.trusted_proxies.iter().filter_map(|proxy| proxy.parse().ok()).collect();
+                layer = Some(layer.unwrap_or_default().connect_rate(rate, burst).trusted_proxies(proxies));
             }
             Ok(HandshakeLayers { admission: layer, ..HandshakeLayers::default() })
         }
         #[cfg(not(feature = "admission"))]
         {
-            if !config.allowed_origins.is_empty() || config.connect_rate_per_ip > 0 {
-                let key = if config.connect_rate_per_ip > 0 { "connect_rate_per_ip" } else { "allowed_origins" };
+            if !config.allowed_origins.is_empty()
+                || config.connect_rate_per_ip > 0
+                || !config.trusted_proxies.is_empty()
+            {
+                let key = if config.connect_rate_per_ip > 0 {
+                    "connect_rate_per_ip"
+                } else if config.trusted_proxies.is_empty() {
+                    "allowed_origins"
+                } else {
+                    "trusted_proxies"
+                };
                 return Err(ConfigError::new(key, "this build of wsengine has no `admission` feature"));
             }
             Ok(HandshakeLayers::default())

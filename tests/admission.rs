@@ -176,6 +176,34 @@ async fn per_ip_connect_rate_gets_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_rate() {
+    // The test client plays the load balancer at 127.0.0.1.
+    let server = start(|c| {
+        c.connect_rate_per_ip = 1;
+        c.connect_burst_per_ip = 1;
+        c.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let from = |client: &str| format!("X-Forwarded-For: 203.0.113.99, {client}\r\n");
+    assert_eq!(status(&upgrade(server.addr, &from("198.51.100.1")).await), 101);
+    assert_eq!(status(&upgrade(server.addr, &from("198.51.100.2")).await), 101, "another client");
+    assert_eq!(status(&upgrade(server.addr, &from("198.51.100.1")).await), 429, "the first one again");
+    // Without the header the proxy itself is the client: its own bucket.
+    assert_eq!(status(&upgrade(server.addr, "").await), 101);
+    server.stop().await;
+
+    // Not a trusted proxy: the header is ignored and the peer address is the key.
+    let server = start(|c| {
+        c.connect_rate_per_ip = 1;
+        c.connect_burst_per_ip = 1;
+    })
+    .await;
+    assert_eq!(status(&upgrade(server.addr, &from("198.51.100.1")).await), 101);
+    assert_eq!(status(&upgrade(server.addr, &from("198.51.100.2")).await), 429, "a forged header changes nothing");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn an_oversized_request_head_gets_431() {
     let server = start(|c| c.max_header_size = 8192).await;
     let mut first = survivor(&server).await;
