@@ -96,6 +96,11 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
 
+    /// A second key the HTTP API accepts while callers move to a new `api_key` (rotation).
+    /// Needs `api_key`; must not be empty. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_previous_key: Option<String>,
+
     /// Interval between server `ping` frames on every connection. Must be greater than zero,
     /// shorter than `idle_timeout` and at most 30 s. Default 25 s.
     #[serde(with = "duration_serde")]
@@ -493,6 +498,7 @@ impl Default for Config {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 5006)),
             path: "/wse".to_owned(),
             api_key: None,
+            api_previous_key: None,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             max_message_size: 1024 * 1024,
@@ -644,16 +650,17 @@ impl Config {
         if !self.path.starts_with('/') {
             return fail("path", format!("must start with '/', got {:?}", self.path));
         }
-        if let Some(key) = &self.api_key {
+        for (name, key) in [("api_key", &self.api_key), ("api_previous_key", &self.api_previous_key)] {
+            let Some(key) = key else { continue };
             if key.is_empty() {
-                return fail("api_key", "must not be empty when set".to_owned());
+                return fail(name, "must not be empty when set".to_owned());
             }
             if key == REDACTED {
-                return fail(
-                    "api_key",
-                    format!("{REDACTED:?} is the placeholder printed instead of the key, not a key"),
-                );
+                return fail(name, format!("{REDACTED:?} is the placeholder printed instead of the key, not a key"));
             }
+        }
+        if self.api_previous_key.is_some() && self.api_key.is_none() {
+            return fail("api_previous_key", "needs api_key (the new key) to be set".to_owned());
         }
         if self.idle_timeout.is_zero() {
             return fail("idle_timeout", "must be greater than zero".to_owned());
@@ -920,8 +927,10 @@ impl Config {
     /// A copy that is safe to print.
     fn redacted(&self) -> Config {
         let mut copy = self.clone();
-        if copy.api_key.is_some() {
-            copy.api_key = Some(REDACTED.to_owned());
+        for key in [&mut copy.api_key, &mut copy.api_previous_key] {
+            if key.is_some() {
+                *key = Some(REDACTED.to_owned());
+            }
         }
         for secret in [
             &mut copy.jwt_secret,
@@ -1456,6 +1465,7 @@ mod tests {
         // + the optional keys, absent when unset
         let optional = [
             "api_key",
+            "api_previous_key",
             "jwt_secret",
             "jwt_public_key",
             "jwt_previous_secret",
@@ -1614,6 +1624,8 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("path = \"wse\"", "path: must start with '/', got \"wse\""),
             ("api_key = \"\"", "api_key: must not be empty when set"),
+            ("api_previous_key = \"old\"", "api_previous_key: needs api_key (the new key) to be set"),
+            ("api_key = \"k\"\napi_previous_key = \"\"", "api_previous_key: must not be empty when set"),
             (
                 "api_key = \"<redacted>\"",
                 "api_key: \"<redacted>\" is the placeholder printed instead of the key, not a key",

@@ -355,14 +355,19 @@ where
 }
 
 fn authorized<B>(engine: &Engine, request: &Request<B>) -> bool {
-    let Some(key) = engine.config().api_key.as_deref() else { return true };
+    let config = engine.config();
+    let Some(key) = config.api_key.as_deref() else { return true };
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.get(..7).filter(|p| p.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()))
         .unwrap_or("");
-    constant_time_eq(given.as_bytes(), key.as_bytes())
+    // Both are compared, so the time taken does not tell which key matched.
+    let current = constant_time_eq(given.as_bytes(), key.as_bytes());
+    let previous =
+        config.api_previous_key.as_deref().is_some_and(|old| constant_time_eq(given.as_bytes(), old.as_bytes()));
+    current | previous
 }
 
 /// Compares without an early exit on the first differing byte.

@@ -248,6 +248,25 @@ async fn direct_sends_broadcasts_and_the_api_key() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn during_a_key_rotation_both_api_keys_are_accepted() {
+    let server = start(|c| {
+        c.api_key = Some("new-api-key".into());
+        c.api_previous_key = Some("old-api-key".into());
+    })
+    .await;
+    let body = json!({"topic": "news", "t": "headline", "p": {}}).to_string();
+    for (key, expected) in
+        [(Some("new-api-key"), 200), (Some("old-api-key"), 200), (Some("old-api-keY"), 401), (None, 401)]
+    {
+        let (status, _) = http(server.addr, "POST", "/api/publish", Some(&body), key).await;
+        assert_eq!(status, expected, "{key:?}");
+    }
+    let printed = server.engine.config().to_toml_string();
+    assert!(!printed.contains("old-api-key") && !printed.contains("new-api-key"), "keys are never printed");
+    server.stop().await;
+}
+
 #[cfg(all(feature = "compression", feature = "msgpack"))]
 #[tokio::test]
 async fn msgpack_connections_and_compressed_publications() {
