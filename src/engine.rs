@@ -631,10 +631,7 @@ impl Engine {
     /// connection is tracked for presence when it has data from `Engine::set_presence`.
     /// Returns `Ok(false)` when there is no such connection.
     pub fn subscribe(&self, id: ConnectionId, topic: &str) -> Result<bool, SendError> {
-        #[cfg(feature = "filters")]
-        return self.subscribe_filtered(id, topic, None);
-        #[cfg(not(feature = "filters"))]
-        self.add_subscription(id, topic)
+        self.add_subscription(id, topic, None)
     }
 
     /// Subscribes like [`Engine::subscribe`], with an optional payload filter
@@ -647,23 +644,27 @@ impl Engine {
         topic: &str,
         filter: Option<Arc<wsengine_services::filter::Filter>>,
     ) -> Result<bool, SendError> {
-        if !validate_topic(topic) {
-            return Err(SendError::InvalidTopic);
-        }
-        if self.inner.registry.get(id).is_none() {
-            return Ok(false);
-        }
-        if !self.inner.bus.set_filter(id, topic, filter) {
-            return Err(SendError::Bus("this bus does not support filters".into()));
-        }
-        self.add_subscription(id, topic)
+        self.add_subscription(id, topic, filter)
     }
 
-    fn add_subscription(&self, id: ConnectionId, topic: &str) -> Result<bool, SendError> {
+    fn add_subscription(
+        &self,
+        id: ConnectionId,
+        topic: &str,
+        filter: Option<SubscriptionFilter>,
+    ) -> Result<bool, SendError> {
         if !validate_topic(topic) {
             return Err(SendError::InvalidTopic);
         }
         let Some(connection) = self.inner.registry.get(id) else { return Ok(false) };
+        // Set (or, without one, cleared) before the subscription exists, so no unfiltered
+        // delivery slips through.
+        #[cfg(feature = "filters")]
+        if !self.inner.bus.set_filter(id, topic, filter) {
+            return Err(SendError::Bus("this bus does not support filters".into()));
+        }
+        #[cfg(not(feature = "filters"))]
+        let _ = filter;
         if connection.with_subscriptions(|s| s.insert(topic.to_owned())) {
             self.inner.bus.subscribe(&connection, topic);
         }
@@ -784,3 +785,9 @@ impl Engine {
         self.inner.shutdown.subscribe()
     }
 }
+
+/// A subscription's payload filter, as the bus takes it.
+#[cfg(feature = "filters")]
+type SubscriptionFilter = Arc<wsengine_services::filter::Filter>;
+#[cfg(not(feature = "filters"))]
+type SubscriptionFilter = std::convert::Infallible;
